@@ -1,0 +1,154 @@
+// CPU WKV kernel: OpenMP over (batch row, tile of channels), sequential in T, the tile's channels innermost so that
+// every time step reads contiguous memory and the compiler can vectorize across channels.
+// The math lives in wkv4_core.h (shared with the CUDA kernel); this file only walks tensors.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "wkv4_core.h"
+#include "wkv4_layout.h"
+
+namespace {
+
+constexpr int64_t kTile = 16;  // channels per work item: one or two SIMD registers wide
+
+using wkv4::State;
+
+struct Lanes {
+    int64_t b, c0, n;  // batch row, first channel, number of channels in this tile
+};
+
+template <typename F>
+void forward_kernel(const float* w, const float* u, const F* k, const F* v, const float* s0, F* y, float* s_out,
+                    float* ckpt, int64_t B, int64_t T, int64_t C) {
+    const int64_t tiles = (C + kTile - 1) / kTile;
+    const int64_t n_ckpt = wkv4::num_checkpoints(T);
+#pragma omp parallel for schedule(static)
+    for (int64_t job = 0; job < B * tiles; ++job) {
+        const Lanes l{job / tiles, (job % tiles) * kTile, std::min(kTile, C - (job % tiles) * kTile)};
+        State s[kTile];
+        for (int64_t i = 0; i < l.n; ++i) s[i] = wkv4::load_state(s0, B * C, l.b * C + l.c0 + i);
+        for (int64_t t = 0; t < T; ++t) {
+            const int64_t row = (l.b * T + t) * C + l.c0;
+            if (ckpt && t % wkv4::kCheckpointEvery == 0) {
+                const int64_t at = (l.b * n_ckpt + t / wkv4::kCheckpointEvery) * C + l.c0;
+                for (int64_t i = 0; i < l.n; ++i) wkv4::store_state(ckpt, B * n_ckpt * C, at + i, s[i]);
+            }
+            for (int64_t i = 0; i < l.n; ++i) {
+                const int64_t c = l.c0 + i;
+                y[row + i] = static_cast<F>(wkv4::forward_step(s[i], w[c], u[c], static_cast<float>(k[row + i]),
+                                                               static_cast<float>(v[row + i])));
+            }
+        }
+        for (int64_t i = 0; i < l.n; ++i) wkv4::store_state(s_out, B * C, l.b * C + l.c0 + i, s[i]);
+    }
+}
+
+template <typename F>
+void backward_kernel(const float* w, const float* u, const F* k, const F* v, const F* gy, const float* ckpt,
+                     const float* s_last, const float* g_last, F* gk, F* gv, float* gw, float* gu, float* g_s0,
+                     int64_t B, int64_t T, int64_t C) {
+    constexpr int64_t L = wkv4::kCheckpointEvery;
+    const int64_t tiles = (C + kTile - 1) / kTile;
+    const int64_t n_ckpt = wkv4::num_checkpoints(T);
+#pragma omp parallel for schedule(static)
+    for (int64_t job = 0; job < B * tiles; ++job) {
+        const Lanes l{job / tiles, (job % tiles) * kTile, std::min(kTile, C - (job % tiles) * kTile)};
+        wkv4::Grad g[kTile];
+        wkv4::ParamGrad pg[kTile];
+        State before[L][kTile];  // the states before each step of the current chunk, recomputed from its checkpoint
+        for (int64_t i = 0; i < l.n; ++i) {
+            const int64_t at = l.b * C + l.c0 + i;
+            const State gl = wkv4::load_state(g_last, B * C, at);
+            g[i] = wkv4::grad_of_final_state(wkv4::load_state(s_last, B * C, at), gl.a, gl.b, gl.p);
+            pg[i] = {0.f, 0.f};
+        }
+        for (int64_t chunk = n_ckpt - 1; chunk >= 0; --chunk) {
+            const int64_t t0 = chunk * L, t1 = std::min(T, t0 + L);
+            State s[kTile];
+            for (int64_t i = 0; i < l.n; ++i)
+                s[i] = wkv4::load_state(ckpt, B * n_ckpt * C, (l.b * n_ckpt + chunk) * C + l.c0 + i);
+            for (int64_t t = t0; t < t1; ++t) {
+                const int64_t row = (l.b * T + t) * C + l.c0;
+                for (int64_t i = 0; i < l.n; ++i) {
+                    before[t - t0][i] = s[i];
+                    wkv4::advance(s[i], w[l.c0 + i], static_cast<float>(k[row + i]), static_cast<float>(v[row + i]));
+                }
+            }
+            for (int64_t t = t1 - 1; t >= t0; --t) {
+                const int64_t row = (l.b * T + t) * C + l.c0;
+                for (int64_t i = 0; i < l.n; ++i) {
+                    const int64_t c = l.c0 + i;
+                    float dk, dv;
+                    wkv4::backward_step(before[t - t0][i], w[c], u[c], static_cast<float>(k[row + i]),
+                                        static_cast<float>(v[row + i]), static_cast<float>(gy[row + i]), g[i], pg[i],
+                                        dk, dv);
+                    gk[row + i] = static_cast<F>(dk);
+                    gv[row + i] = static_cast<F>(dv);
+                }
+            }
+        }
+        for (int64_t i = 0; i < l.n; ++i) {
+            const int64_t at = l.b * C + l.c0 + i;
+            const State first = wkv4::load_state(ckpt, B * n_ckpt * C, l.b * n_ckpt * C + l.c0 + i);
+            wkv4::store_state(g_s0, B * C, at, wkv4::grad_of_initial_state(first, g[i]));
+            gw[at] = pg[i].gw;
+            gu[at] = pg[i].gu;
+        }
+    }
+}
+
+// Python-facing wrappers. Shapes and dtypes are validated in rwkv_dist/ops/wkv.py before the call; the checks here only
+// guard memory safety. States travel as one float32 tensor [3, B, C] (a, b, p).
+void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k, const torch::Tensor& v) {
+    TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(), "wkv4: bad k/v");
+    TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && w.is_contiguous() && u.is_contiguous(), "wkv4: not contiguous");
+    TORCH_CHECK(w.scalar_type() == torch::kFloat && u.scalar_type() == torch::kFloat, "wkv4: w/u must be float32");
+    TORCH_CHECK(w.numel() == k.size(2) && u.numel() == k.size(2), "wkv4: w/u must have C elements");
+}
+
+std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v, torch::Tensor s0,
+                                   bool save_for_backward) {
+    check_inputs(w, u, k, v);
+    const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+    TORCH_CHECK(s0.scalar_type() == torch::kFloat && s0.is_contiguous() && s0.numel() == 3 * B * C, "wkv4: bad state");
+    auto y = torch::empty_like(v);
+    auto s_out = torch::empty({3, B, C}, s0.options());
+    auto ckpt = torch::empty({3, B, save_for_backward ? wkv4::num_checkpoints(T) : 0, C}, s0.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, k.scalar_type(), "wkv4_forward_cpu", [&] {
+        forward_kernel<scalar_t>(w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(),
+                                 v.data_ptr<scalar_t>(), s0.data_ptr<float>(), y.data_ptr<scalar_t>(),
+                                 s_out.data_ptr<float>(), save_for_backward ? ckpt.data_ptr<float>() : nullptr, B, T, C);
+    });
+    return {y, s_out, ckpt};
+}
+
+std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v, torch::Tensor gy,
+                                    torch::Tensor ckpt, torch::Tensor s_last, torch::Tensor g_last) {
+    check_inputs(w, u, k, v);
+    const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+    TORCH_CHECK(gy.sizes() == k.sizes() && gy.scalar_type() == k.scalar_type() && gy.is_contiguous(), "wkv4: bad gy");
+    TORCH_CHECK(ckpt.numel() == 3 * B * wkv4::num_checkpoints(T) * C && ckpt.is_contiguous(), "wkv4: bad checkpoints");
+    TORCH_CHECK(s_last.numel() == 3 * B * C && g_last.numel() == 3 * B * C && g_last.is_contiguous(), "wkv4: bad state");
+    auto gk = torch::empty_like(k), gv = torch::empty_like(v);
+    auto gw = torch::empty({B, C}, w.options()), gu = torch::empty({B, C}, w.options());
+    auto g_s0 = torch::empty({3, B, C}, w.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, k.scalar_type(), "wkv4_backward_cpu", [&] {
+        backward_kernel<scalar_t>(w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(),
+                                  v.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), ckpt.data_ptr<float>(),
+                                  s_last.data_ptr<float>(), g_last.data_ptr<float>(), gk.data_ptr<scalar_t>(),
+                                  gv.data_ptr<scalar_t>(), gw.data_ptr<float>(), gu.data_ptr<float>(),
+                                  g_s0.data_ptr<float>(), B, T, C);
+    });
+    return {gw, gu, gk, gv, g_s0};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.doc() = "RWKV-4 WKV forward/backward on CPU (OpenMP, fp32 math)";
+    m.def("forward", &forward, "WKV forward: (w, u, k, v, state[3,B,C], save_for_backward) -> (y, state, checkpoints)");
+    m.def("backward", &backward, "WKV backward: (w, u, k, v, gy, checkpoints, state_T, g_state_T) -> (gw, gu, gk, gv, g_state0)");
+    m.attr("checkpoint_every") = wkv4::kCheckpointEvery;
+}

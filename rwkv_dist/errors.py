@@ -1,0 +1,17 @@
+"""Errors raised for bad user input. Each carries one line that names the file, field or value at fault."""
+
+
+class RWKVDistError(Exception):
+    """Base class: bad input caught before any expensive work."""
+
+
+class ShapeError(RWKVDistError, ValueError):
+    """A tensor with the wrong shape, dtype or device."""
+
+
+class ConfigError(RWKVDistError, ValueError):
+    """A config file or field that is missing, unknown or invalid."""
+
+
+class CheckpointError(RWKVDistError, ValueError):
+    """A state dict or checkpoint that does not fit the model (missing, extra or mis-shaped keys; unreadable file)."""
