@@ -74,7 +74,13 @@ class _WKV4Kernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, needs_grad, w, u, k, v, a0, b0, p0):
         ext = _extension(backend)
-        y, state, checkpoints = ext.forward(w, u, k, v, torch.stack((a0, b0, p0)).contiguous(), needs_grad)
+        s0 = torch.stack((a0, b0, p0)).contiguous()
+        # The CUDA binding cannot see torch's current stream (it builds against CPU torch too): pass it, and select k's
+        # device for the launch. torch.cuda.device(-1) is a no-op, so the CPU path never touches CUDA.
+        on_gpu = backend == "cuda"
+        stream = (torch.cuda.current_stream(k.device).cuda_stream,) if on_gpu else ()
+        with torch.cuda.device(k.device if on_gpu else -1):
+            y, state, checkpoints = ext.forward(w, u, k, v, s0, needs_grad, *stream)
         ctx.backend = backend
         if needs_grad:
             ctx.save_for_backward(w, u, k, v, checkpoints, state)
@@ -85,7 +91,12 @@ class _WKV4Kernel(torch.autograd.Function):
         w, u, k, v, checkpoints, state = ctx.saved_tensors
         gy = torch.zeros_like(k) if gy is None else gy.to(k.dtype).contiguous()
         g_state = torch.stack([torch.zeros_like(state[0]) if g is None else g.float() for g in (g_a, g_b, g_p)])
-        gw, gu, gk, gv, g_s0 = _extension(ctx.backend).backward(w, u, k, v, gy, checkpoints, state, g_state.contiguous())
+        on_gpu = ctx.backend == "cuda"
+        stream = (torch.cuda.current_stream(k.device).cuda_stream,) if on_gpu else ()
+        with torch.cuda.device(k.device if on_gpu else -1):
+            gw, gu, gk, gv, g_s0 = _extension(ctx.backend).backward(
+                w, u, k, v, gy, checkpoints, state, g_state.contiguous(), *stream
+            )
         return None, None, gw.sum(0), gu.sum(0), gk, gv, g_s0[0], g_s0[1], g_s0[2]
 
 
