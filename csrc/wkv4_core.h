@@ -11,12 +11,17 @@
 // This header has no torch or CUDA dependencies: both drivers call these inline functions per (b, c) lane.
 #pragma once
 
+#include <cmath>
+
 #ifdef __CUDACC__
 #define WKV_HD __host__ __device__ __forceinline__
+#else
+#define WKV_HD inline
+#endif
+// The device pass uses the fast exp intrinsic; the host pass (CPU kernel, and nvcc's host copy) the C library's.
+#ifdef __CUDA_ARCH__
 #define WKV_EXP __expf
 #else
-#include <cmath>
-#define WKV_HD inline
 #define WKV_EXP std::exp
 #endif
 

@@ -11,20 +11,8 @@
 
 #include <cstdint>
 
-// wkv4_core.h defines WKV_EXP as the device intrinsic __expf inside __host__ __device__ functions, which nvcc rejects
-// ("calling a __device__ function from a __host__ __device__ function"). Route the header's __expf through a host-device
-// wrapper: the very same intrinsic on the device; a host body only so that the host pass compiles (never called there).
-__host__ __device__ __forceinline__ float wkv4_expf(float x) {
-#ifdef __CUDA_ARCH__
-    return __expf(x);
-#else
-    return expf(x);
-#endif
-}
-#define __expf wkv4_expf
 #include "wkv4_core.h"
 #include "wkv4_layout.h"
-#undef __expf
 
 namespace {
 

@@ -58,11 +58,13 @@ def check_state_dict(sd: dict[str, torch.Tensor], expected: dict[str, torch.Tens
         raise CheckpointError(f"{source}: does not fit RWKV-4: {'; '.join(problems)}")
 
 
-def load_rwkv(sd: dict[str, torch.Tensor], source: str = "state dict", dtype: torch.dtype = torch.float32) -> RWKV:
-    """A model holding exactly these weights (official RWKV-4 `.pth` files load here to continue pretraining)."""
+def load_rwkv(sd: dict[str, torch.Tensor], source: str = "state dict", dtype: torch.dtype | None = torch.float32) -> RWKV:
+    """A model holding exactly these weights (official RWKV-4 `.pth` files load here to continue pretraining).
+
+    dtype=None keeps each tensor's own dtype (official releases are bf16/fp16); training wants float32 masters."""
     cfg = config_from_state_dict(sd, source)
     with torch.device("meta"):
         model = RWKV(cfg, init=False)
     check_state_dict(sd, model.state_dict(), source)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    model.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
     return model
