@@ -11,9 +11,24 @@
 
 namespace {
 
-constexpr int64_t kTile = 16;  // channels per work item: one or two SIMD registers wide
+// Channels per work item: several SIMD registers wide, so that the independent lanes' dependency chains over t overlap
+// (measured here: 16 lanes 9 ns/element, 64 lanes 3.5 ns/element single-threaded).
+constexpr int64_t kTile = 64;
 
 using wkv4::State;
+
+// States of one tile's lanes as three arrays (not an array of structs), so the lane loop vectorizes.
+struct Tile {
+    float a[kTile], b[kTile], p[kTile];
+    State get(int64_t i) const { return State{a[i], b[i], p[i]}; }
+    void set(int64_t i, const State& s) { a[i] = s.a, b[i] = s.b, p[i] = s.p; }
+    void load(const float* planes, int64_t plane, int64_t at, int64_t n) {
+        for (int64_t i = 0; i < n; ++i) set(i, wkv4::load_state(planes, plane, at + i));
+    }
+    void store(float* planes, int64_t plane, int64_t at, int64_t n) const {
+        for (int64_t i = 0; i < n; ++i) wkv4::store_state(planes, plane, at + i, get(i));
+    }
+};
 
 struct Lanes {
     int64_t b, c0, n;  // batch row, first channel, number of channels in this tile
@@ -27,23 +42,30 @@ void forward_kernel(const float* w, const float* u, const F* k, const F* v, cons
 #pragma omp parallel for schedule(static)
     for (int64_t job = 0; job < B * tiles; ++job) {
         const Lanes l{job / tiles, (job % tiles) * kTile, std::min(kTile, C - (job % tiles) * kTile)};
-        State s[kTile];
-        for (int64_t i = 0; i < l.n; ++i) s[i] = wkv4::load_state(s0, B * C, l.b * C + l.c0 + i);
+        Tile s;
+        s.load(s0, B * C, l.b * C + l.c0, l.n);
         for (int64_t t = 0; t < T; ++t) {
             const int64_t row = (l.b * T + t) * C + l.c0;
-            if (ckpt && t % wkv4::kCheckpointEvery == 0) {
-                const int64_t at = (l.b * n_ckpt + t / wkv4::kCheckpointEvery) * C + l.c0;
-                for (int64_t i = 0; i < l.n; ++i) wkv4::store_state(ckpt, B * n_ckpt * C, at + i, s[i]);
-            }
+            if (ckpt && t % wkv4::kCheckpointEvery == 0)
+                s.store(ckpt, B * n_ckpt * C, (l.b * n_ckpt + t / wkv4::kCheckpointEvery) * C + l.c0, l.n);
             for (int64_t i = 0; i < l.n; ++i) {
                 const int64_t c = l.c0 + i;
-                y[row + i] = static_cast<F>(wkv4::forward_step(s[i], w[c], u[c], static_cast<float>(k[row + i]),
+                State st = s.get(i);
+                y[row + i] = static_cast<F>(wkv4::forward_step(st, w[c], u[c], static_cast<float>(k[row + i]),
                                                                static_cast<float>(v[row + i])));
+                s.set(i, st);
             }
         }
-        for (int64_t i = 0; i < l.n; ++i) wkv4::store_state(s_out, B * C, l.b * C + l.c0 + i, s[i]);
+        s.store(s_out, B * C, l.b * C + l.c0, l.n);
     }
 }
+
+// Reverse-mode accumulators of one tile's lanes, as arrays (see Tile).
+struct GradTile {
+    float ga[kTile], gb[kTile], pi[kTile], excess[kTile], gw[kTile], gu[kTile];
+    wkv4::Grad get(int64_t i) const { return wkv4::Grad{ga[i], gb[i], pi[i], excess[i]}; }
+    void set(int64_t i, const wkv4::Grad& g) { ga[i] = g.ga, gb[i] = g.gb, pi[i] = g.pi, excess[i] = g.excess; }
+};
 
 template <typename F>
 void backward_kernel(const float* w, const float* u, const F* k, const F* v, const F* gy, const float* ckpt,
@@ -52,38 +74,43 @@ void backward_kernel(const float* w, const float* u, const F* k, const F* v, con
     constexpr int64_t L = wkv4::kCheckpointEvery;
     const int64_t tiles = (C + kTile - 1) / kTile;
     const int64_t n_ckpt = wkv4::num_checkpoints(T);
+    const int64_t ckpt_plane = B * n_ckpt * C;
 #pragma omp parallel for schedule(static)
     for (int64_t job = 0; job < B * tiles; ++job) {
         const Lanes l{job / tiles, (job % tiles) * kTile, std::min(kTile, C - (job % tiles) * kTile)};
-        wkv4::Grad g[kTile];
-        wkv4::ParamGrad pg[kTile];
-        State before[L][kTile];  // the states before each step of the current chunk, recomputed from its checkpoint
+        GradTile g;
+        Tile before[L];  // the states before each step of the current chunk, recomputed from its checkpoint
         for (int64_t i = 0; i < l.n; ++i) {
             const int64_t at = l.b * C + l.c0 + i;
             const State gl = wkv4::load_state(g_last, B * C, at);
-            g[i] = wkv4::grad_of_final_state(wkv4::load_state(s_last, B * C, at), gl.a, gl.b, gl.p);
-            pg[i] = {0.f, 0.f};
+            g.set(i, wkv4::grad_of_final_state(wkv4::load_state(s_last, B * C, at), gl.a, gl.b, gl.p));
+            g.gw[i] = g.gu[i] = 0.f;
         }
         for (int64_t chunk = n_ckpt - 1; chunk >= 0; --chunk) {
             const int64_t t0 = chunk * L, t1 = std::min(T, t0 + L);
-            State s[kTile];
-            for (int64_t i = 0; i < l.n; ++i)
-                s[i] = wkv4::load_state(ckpt, B * n_ckpt * C, (l.b * n_ckpt + chunk) * C + l.c0 + i);
+            Tile s;
+            s.load(ckpt, ckpt_plane, (l.b * n_ckpt + chunk) * C + l.c0, l.n);
             for (int64_t t = t0; t < t1; ++t) {
                 const int64_t row = (l.b * T + t) * C + l.c0;
+                before[t - t0] = s;
                 for (int64_t i = 0; i < l.n; ++i) {
-                    before[t - t0][i] = s[i];
-                    wkv4::advance(s[i], w[l.c0 + i], static_cast<float>(k[row + i]), static_cast<float>(v[row + i]));
+                    State st = s.get(i);
+                    wkv4::advance(st, w[l.c0 + i], static_cast<float>(k[row + i]), static_cast<float>(v[row + i]));
+                    s.set(i, st);
                 }
             }
             for (int64_t t = t1 - 1; t >= t0; --t) {
                 const int64_t row = (l.b * T + t) * C + l.c0;
                 for (int64_t i = 0; i < l.n; ++i) {
                     const int64_t c = l.c0 + i;
+                    wkv4::Grad gi = g.get(i);
+                    wkv4::ParamGrad pg{g.gw[i], g.gu[i]};
                     float dk, dv;
-                    wkv4::backward_step(before[t - t0][i], w[c], u[c], static_cast<float>(k[row + i]),
-                                        static_cast<float>(v[row + i]), static_cast<float>(gy[row + i]), g[i], pg[i],
-                                        dk, dv);
+                    wkv4::backward_step(before[t - t0].get(i), w[c], u[c], static_cast<float>(k[row + i]),
+                                        static_cast<float>(v[row + i]), static_cast<float>(gy[row + i]), gi, pg, dk,
+                                        dv);
+                    g.set(i, gi);
+                    g.gw[i] = pg.gw, g.gu[i] = pg.gu;
                     gk[row + i] = static_cast<F>(dk);
                     gv[row + i] = static_cast<F>(dv);
                 }
@@ -91,10 +118,10 @@ void backward_kernel(const float* w, const float* u, const F* k, const F* v, con
         }
         for (int64_t i = 0; i < l.n; ++i) {
             const int64_t at = l.b * C + l.c0 + i;
-            const State first = wkv4::load_state(ckpt, B * n_ckpt * C, l.b * n_ckpt * C + l.c0 + i);
-            wkv4::store_state(g_s0, B * C, at, wkv4::grad_of_initial_state(first, g[i]));
-            gw[at] = pg[i].gw;
-            gu[at] = pg[i].gu;
+            const State first = wkv4::load_state(ckpt, ckpt_plane, l.b * n_ckpt * C + l.c0 + i);
+            wkv4::store_state(g_s0, B * C, at, wkv4::grad_of_initial_state(first, g.get(i)));
+            gw[at] = g.gw[i];
+            gu[at] = g.gu[i];
         }
     }
 }
