@@ -173,7 +173,7 @@ def test_segments_with_carried_state_equal_one_pass(cuts):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_inputs_use_fp32_math(dtype):
     """bf16/fp16 k, v: the state is computed in fp32 (equal to fp32 inputs of the same values) and y is the
-    fp32 result rounded once to the input dtype (within one ulp: 2^-8 relative for bf16, 2^-11 for fp16)."""
+    fp32 result rounded once to the input dtype (ulp: 2^-8 relative for bf16, 2^-11 for fp16)."""
     w, u, k, v, _ = make_inputs(2, 300, 16, 9, k_scale=3.0, extreme=False)
     k, v = k.to(dtype), v.to(dtype)
     y_low, s_low = wkv4(w, u, k, v, backend="cpu")
@@ -182,7 +182,9 @@ def test_low_precision_inputs_use_fp32_math(dtype):
     for name, a, b in zip(NAMES[4:], s_low, s32):  # same fp32 math; the compiler may vectorize each dtype differently
         assert_close(a, b, 1e-6, f"state.{name} ({dtype})", atol=0)
     ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
-    assert ((y_low.float() - y32).abs() <= ulp * y32.abs() + 1e-30).all()
+    # one rounding to the input dtype (half a spacing, <= ulp relative), or the other neighbour when the two fp32 paths
+    # differ in the last bit (one spacing, <= 2 ulp); the atol covers fp16 subnormals
+    assert ((y_low.float() - y32).abs() <= 2 * ulp * y32.abs() + 1e-7).all()
 
     leaves = [leaf(x) for x in (w, u, k, v)]
     y, _ = wkv4(*leaves, backend="cpu")
