@@ -64,7 +64,8 @@ def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
 
 
 def mix(x: torch.Tensor, previous: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    return x * mu + previous * (1 - mu)
+    """x * mu + previous * (1 - mu), as one op."""
+    return torch.lerp(previous, x, mu)
 
 
 class TimeMix(nn.Module):

@@ -1,0 +1,82 @@
+"""Recurrent-mode decoding speed of rwkv_dist's `RWKV.step` against the `rwkv` pip package on the same weights.
+
+    .venv/bin/python bench/decode.py [--n-layer 12 --n-embd 768] [--contexts 16 512 2048] [--tokens 32]
+
+Both run batch 1 in fp32 on the CPU ('cpu fp32' strategy for the pip package), in one process, on a 169M-shaped model
+with the paper's initialization. Each context length is first prefilled (our parallel mode / their sequence mode), then
+--tokens tokens are decoded one at a time; the decode rate is what is compared. An RNN's step costs the same at any
+context, so both columns should be flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from rwkv_dist.model import RWKV, RWKVConfig  # noqa: E402
+
+os.environ.setdefault("RWKV_CUDA_ON", "0")
+os.environ.setdefault("RWKV_JIT_ON", "1")
+
+
+def decode_rate(step, first_logits, state, n: int) -> float:
+    logits = first_logits
+    start = time.perf_counter()
+    for _ in range(n):
+        token = int(torch.argmax(logits))
+        logits, state = step(token, state)
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-layer", type=int, default=12)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--vocab", type=int, default=50277)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[16, 512, 2048])
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    ours = RWKV(RWKVConfig(n_layer=args.n_layer, n_embd=args.n_embd, vocab_size=args.vocab)).eval()
+    with torch.no_grad():  # the paper init zeroes some matrices; fill them so every path does real work
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    from rwkv.model import RWKV as PipRWKV
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(ours.state_dict(), f"{tmp}/model.pth")
+        theirs = PipRWKV(model=f"{tmp}/model.pth", strategy="cpu fp32", verbose=False)
+
+    def our_step(token, state):
+        logits, state = ours.step(torch.tensor([token]), state)
+        return logits[0], state
+
+    def their_step(token, state):
+        return theirs.forward([token], state)
+
+    print(f"RNN decode, batch 1, fp32, L{args.n_layer} D{args.n_embd} V{args.vocab}, {torch.get_num_threads()} threads")
+    print(f"{'context':>8s}{'rwkv_dist tok/s':>18s}{'rwkv pip tok/s':>17s}{'ratio':>8s}")
+    prompt = torch.randint(0, args.vocab, (max(args.contexts),), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        for ctx in args.contexts:
+            logits, state = ours(prompt[None, :ctx], return_state=True)
+            their_logits, their_state = theirs.forward(prompt[:ctx].tolist(), None)
+            rates = {"ours": [], "theirs": []}
+            for _ in range(args.rounds):  # alternate, so that machine noise hits both alike; report medians
+                rates["ours"].append(decode_rate(our_step, logits[0, -1], state, args.tokens))
+                rates["theirs"].append(decode_rate(their_step, their_logits, their_state, args.tokens))
+            ours_rate, their_rate = statistics.median(rates["ours"]), statistics.median(rates["theirs"])
+            print(f"{ctx:8d}{ours_rate:18.1f}{their_rate:17.1f}{ours_rate / their_rate:7.2f}x")
+
+if __name__ == "__main__":
+    main()
