@@ -41,6 +41,59 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(steps=args.steps, seed=args.seed)
 
 
+def _progress(description: str, total: int | None = None):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(description), BarColumn(), TextColumn("{task.completed:,} docs {task.fields[info]}"),
+                    TimeElapsedColumn(), transient=False)
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> None:
+    from .data import CorpusStats, expand_inputs, read_documents, train_tokenizer
+
+    files = expand_inputs(args.input)
+    stats = CorpusStats()
+    with _progress("training tokenizer") as progress:
+        task = progress.add_task("", total=None, info="")
+
+        def documents():
+            for doc in read_documents(files, args.text_field, stats):
+                progress.update(task, advance=1, info=f"{stats.characters:,} chars")
+                yield doc
+
+        path = train_tokenizer(documents(), args.out, args.vocab_size, args.model_type, args.input_sentence_size)
+    print(f"wrote {path} (vocab {args.vocab_size}, {args.model_type}) from {stats.documents:,} documents in "
+          f"{stats.files} files; skipped {stats.empty} empty, replaced bad UTF-8 in {stats.invalid_utf8}")
+
+
+def cmd_data_shards(args: argparse.Namespace) -> None:
+    from .data import CorpusStats, Tokenizer, expand_inputs, read_documents, write_shards
+
+    tokenizer = Tokenizer(args.tokenizer)
+    files = expand_inputs(args.input)
+    stats = CorpusStats()
+    with _progress("writing shards") as progress:
+        task = progress.add_task("", total=None, info="")
+        manifest = write_shards(read_documents(files, args.text_field, stats), tokenizer, args.out, stats,
+                                shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, workers=args.workers,
+                                progress=lambda docs, tokens: progress.update(task, advance=docs, info=f"{tokens:,} tokens"))
+    counts = {s: (len(e), sum(x.tokens for x in e)) for s, e in manifest.splits.items()}
+    print(f"wrote {args.out}: " + ", ".join(f"{s} {n} shards / {t:,} tokens" for s, (n, t) in counts.items())
+          + f"; skipped {stats.empty} empty documents, replaced bad UTF-8 in {stats.invalid_utf8}")
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from .data import verify
+
+    lines, damaged = verify(args.dir)
+    print("\n".join(lines))
+    if damaged:
+        print(f"{len(damaged)} damaged shard(s): {', '.join(damaged)}", file=sys.stderr)
+        return 1
+    print(f"all {len(lines)} shards match the manifest")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwkv-dist", description="Distributed pretraining for RWKV-4 language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +110,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16", "fp16"])
     p.set_defaults(func=cmd_export)
 
+    data = sub.add_parser("data", help="tokenizer, shards, verify").add_subparsers(dest="data_command", required=True)
+    inputs_help = "text/JSONL files or globs (.gz ok); builtin:stdlib = the embedded demo corpus"
+    p = data.add_parser("tokenizer", help="train a sentencepiece tokenizer on text/JSONL files")
+    p.add_argument("--input", nargs="+", required=True, help=inputs_help)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True, help="directory for tokenizer.model")
+    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training")
+    p.set_defaults(func=cmd_data_tokenizer)
+
+    p = data.add_parser("shards", help="tokenize into WebDataset shards with a manifest")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model or its directory")
+    p.add_argument("--input", nargs="+", required=True, help=inputs_help)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-tokens", type=int, default=10_000_000)
+    p.add_argument("--val-fraction", type=float, default=0.0)
+    p.add_argument("--workers", type=int, default=2, help="tokenizer threads")
+    p.add_argument("--text-field", default="text")
+    p.set_defaults(func=cmd_data_shards)
+
+    p = data.add_parser("verify", help="check every shard against the manifest; exit 1 naming damaged shards")
+    p.add_argument("dir", help="dataset directory or URL prefix")
+    p.set_defaults(func=cmd_data_verify)
+
     p = sub.add_parser("demo", help="train a tiny RWKV on built-in text for a few seconds and print a sample")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -67,11 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except RWKVDistError as e:
-        print(f"rwkv-dist {args.command}: error: {e}", file=sys.stderr)
+        command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
+        print(f"rwkv-dist {command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -15,3 +15,7 @@ class ConfigError(RWKVDistError, ValueError):
 
 class CheckpointError(RWKVDistError, ValueError):
     """A state dict or checkpoint that does not fit the model (missing, extra or mis-shaped keys; unreadable file)."""
+
+
+class DataError(RWKVDistError, ValueError):
+    """A corpus, tokenizer, shard or manifest problem (named file and line/field)."""

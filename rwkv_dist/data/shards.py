@@ -1,0 +1,252 @@
+"""WebDataset shards of tokenized documents, and the manifest that is their source of truth.
+
+One sample per document: key `{index:012d}`, field `tokens.u16` (or `tokens.u32` when the vocabulary exceeds 65535)
+holding the token ids as raw little-endian integers (no pickle anywhere). The manifest lists every shard with its
+sample count, token count and sha256, the tokenizer's hash and the split; webdataset alone silently drops samples
+of a damaged tar, so readers check shards against the manifest before using them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+import numpy as np
+import webdataset as wds
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import DataError
+from .corpus import CorpusStats
+from .tokenizer import MODEL_FILE, Tokenizer
+
+MANIFEST = "manifest.json"
+FORMAT = "rwkv_dist.shards/1"
+SPLITS = ("train", "val")
+
+
+class ShardEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str
+    samples: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    sha256: str
+
+
+class TokenizerEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    file: str
+    sha256: str
+    vocab_size: int
+    eod_id: int
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    format: Literal["rwkv_dist.shards/1"]
+    tokenizer: TokenizerEntry
+    dtype: Literal["uint16", "uint32"]
+    shard_tokens: int
+    val_fraction: float
+    splits: dict[str, list[ShardEntry]]
+    stats: dict[str, int]
+
+    def shards(self, split: str) -> list[ShardEntry]:
+        if split not in self.splits:
+            raise DataError(f"manifest has no split {split!r} (has: {', '.join(self.splits)})")
+        return self.splits[split]
+
+
+def shard_url(location: str, file: str) -> str:
+    """Where a shard (or the manifest) of a dataset lives: `location` is a directory, a URL prefix, or a template with
+    `{}` for the file name (e.g. `pipe:curl -s https://host/data/{}`, any URL webdataset's gopen takes)."""
+    return location.format(file) if "{}" in location else f"{location.rstrip('/')}/{file}"
+
+
+def read_bytes(url: str) -> bytes:
+    with wds.gopen(url, "rb") as f:
+        return f.read()
+
+
+def load_manifest(location: str | Path) -> Manifest:
+    url = shard_url(str(location), MANIFEST)
+    try:
+        raw = read_bytes(url)
+    except Exception as e:  # noqa: BLE001 - gopen raises many types (OSError, IOError from pipes, ...)
+        raise DataError(f"{url}: cannot read the dataset manifest ({type(e).__name__}: {e})") from None
+    try:
+        return Manifest.model_validate(json.loads(raw))
+    except (json.JSONDecodeError, ValidationError) as e:
+        raise DataError(f"{url}: not a valid manifest ({str(e).splitlines()[0]})") from None
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 65536 else "uint32"
+
+
+class _SplitWriter:
+    """Writes one split's shards, starting a new tar when the current one holds shard_tokens tokens."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, dtype: str):
+        self.out, self.split, self.shard_tokens, self.dtype = out, split, shard_tokens, dtype
+        self.field = "tokens.u16" if dtype == "uint16" else "tokens.u32"
+        self.entries: list[ShardEntry] = []
+        self.writer = None
+
+    def write(self, key: str, ids: list[int]) -> None:
+        if self.writer is None:
+            self.name = f"{self.split}-{len(self.entries):06d}.tar"
+            # fixed mtime/owner: the same input gives byte-identical tars
+            self.writer = wds.TarWriter(str(self.out / self.name), encoder=False, mtime=0.0, user="rwkv", group="rwkv")
+            self.samples = self.tokens = 0
+        little_endian = np.dtype(self.dtype).newbyteorder("<")
+        self.writer.write({"__key__": key, self.field: np.asarray(ids, dtype=little_endian).tobytes()})
+        self.samples += 1
+        self.tokens += len(ids)
+        if self.tokens >= self.shard_tokens:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.close()
+        self.writer = None
+        digest = hashlib.sha256((self.out / self.name).read_bytes()).hexdigest()
+        self.entries.append(ShardEntry(file=self.name, samples=self.samples, tokens=self.tokens, sha256=digest))
+
+
+def is_val(text: str, val_fraction: float) -> bool:
+    """Split by content hash: stable under reordering, and duplicates land in the same split."""
+    if val_fraction <= 0:
+        return False
+    h = int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+    return h / 2**64 < val_fraction
+
+
+def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path, stats: CorpusStats,
+                 shard_tokens: int = 10_000_000, val_fraction: float = 0.0, workers: int = 1,
+                 batch_docs: int = 256, progress=None) -> Manifest:
+    """Tokenize `documents` (sentencepiece's threads: `workers`) into shards under out_dir, then write the manifest.
+
+    Everything is written in a staging folder next to out_dir and moved in at the end, so a failure leaves no partial
+    dataset; an existing dataset (a manifest in out_dir) is never overwritten."""
+    if shard_tokens < 1:
+        raise DataError(f"shards: --shard-tokens must be positive, got {shard_tokens}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"shards: --val-fraction must be in [0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    if (out / MANIFEST).exists():
+        raise DataError(f"{out}: already holds a dataset ({MANIFEST}); choose another --out or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    try:
+        dtype = token_dtype(tokenizer.vocab_size)
+        writers = {s: _SplitWriter(staging, s, shard_tokens, dtype) for s in SPLITS}
+        index = total_tokens = 0
+        for batch in _batches(documents, batch_docs):
+            for text, ids in zip(batch, tokenizer.encode(batch, num_threads=workers)):
+                writers["val" if is_val(text, val_fraction) else "train"].write(f"{index:012d}", ids)
+                index += 1
+                total_tokens += len(ids)
+            if progress is not None:
+                progress(len(batch), total_tokens)
+        for w in writers.values():
+            w.close()
+        if index == 0:
+            raise DataError("shards: the corpus has no non-empty documents")
+        if not writers["train"].entries:
+            raise DataError(f"shards: --val-fraction {val_fraction} left no training documents")
+        shutil.copyfile(tokenizer.path, staging / MODEL_FILE)
+        manifest = Manifest(
+            format=FORMAT,
+            tokenizer=TokenizerEntry(file=MODEL_FILE, sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
+                                     eod_id=tokenizer.eod_id),
+            dtype=dtype, shard_tokens=shard_tokens, val_fraction=val_fraction,
+            splits={s: w.entries for s, w in writers.items()},
+            stats={"files": stats.files, "documents": stats.documents, "empty_documents": stats.empty,
+                   "invalid_utf8_documents": stats.invalid_utf8, "tokens": total_tokens},
+        )
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        out.mkdir(parents=True, exist_ok=True)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST):  # the manifest last: it commits
+            path.replace(out / path.name)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _batches(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class ShardDamaged(DataError):
+    """A shard that does not match its manifest entry."""
+
+
+def decode_shard(data: bytes, entry: ShardEntry, dtype: str, vocab_size: int, url: str) -> list[np.ndarray]:
+    """The documents of one shard's bytes, in key order, after checking them against the manifest entry."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry.sha256:
+        raise ShardDamaged(f"{url}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")
+    try:
+        files = ({**f, "__url__": url} for f in wds.tariterators.tar_file_iterator(io.BytesIO(data)))
+        samples = list(wds.tariterators.group_by_keys(files))
+    except Exception as e:  # noqa: BLE001 - tarfile raises several types on garbage
+        raise ShardDamaged(f"{url}: unreadable tar ({type(e).__name__}: {e})") from None
+    field = "tokens.u16" if dtype == "uint16" else "tokens.u32"
+    little = np.dtype(dtype).newbyteorder("<")
+    docs = []
+    for sample in samples:
+        raw = sample.get(field)
+        if raw is None or len(raw) % little.itemsize:
+            raise ShardDamaged(f"{url}: sample {sample.get('__key__')!r} has no valid {field} field")
+        ids = np.frombuffer(raw, dtype=little)
+        if ids.size and int(ids.max()) >= vocab_size:
+            raise ShardDamaged(f"{url}: sample {sample['__key__']!r} has token id {int(ids.max())} >= vocab {vocab_size}")
+        docs.append(ids)
+    tokens = sum(len(d) for d in docs)
+    if len(docs) != entry.samples or tokens != entry.tokens:
+        raise ShardDamaged(f"{url}: {len(docs)} samples / {tokens} tokens, manifest says {entry.samples} / {entry.tokens}")
+    return docs
+
+
+def read_shard(location: str, manifest: Manifest, entry: ShardEntry) -> list[np.ndarray]:
+    url = shard_url(location, entry.file)
+    try:
+        data = read_bytes(url)
+    except Exception as e:  # noqa: BLE001
+        raise ShardDamaged(f"{url}: cannot read ({type(e).__name__}: {e})") from None
+    return decode_shard(data, entry, manifest.dtype, manifest.tokenizer.vocab_size, url)
+
+
+def verify(location: str | Path) -> tuple[list[str], list[str]]:
+    """Check every shard of a dataset against its manifest: (report lines, names of damaged shards)."""
+    location = str(location)
+    manifest = load_manifest(location)
+    lines, damaged = [], []
+    for split, entries in manifest.splits.items():
+        for entry in entries:
+            try:
+                read_shard(location, manifest, entry)
+                lines.append(f"ok       {entry.file}  {entry.samples} samples  {entry.tokens} tokens")
+            except ShardDamaged as e:
+                lines.append(f"DAMAGED  {entry.file}  {e}")
+                damaged.append(entry.file)
+    return lines, damaged
+
+
+def check_tokenizer_matches(manifest: Manifest, tokenizer: Tokenizer, where: str) -> None:
+    if manifest.tokenizer.sha256 != tokenizer.sha256:
+        raise DataError(f"{where}: shards were made with tokenizer {manifest.tokenizer.sha256[:12]}…, "
+                        f"{tokenizer.path} is {tokenizer.sha256[:12]}…")
