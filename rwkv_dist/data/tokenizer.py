@@ -50,6 +50,8 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | Path, vocab_size: i
             minloglevel=2,
         )
     except RuntimeError as e:
+        if lines.count == 0:
+            raise DataError("tokenizer: the corpus has no text") from None
         msg = str(e).split("] ", 1)[-1].strip()
         if "Vocabulary size too high" in msg:
             raise DataError(f"tokenizer: the corpus supports at most a smaller vocabulary: {msg}") from None

@@ -1,0 +1,329 @@
+"""Data pipeline: tokenizer round trip, deterministic shards, verify, and the streaming loader's exactness."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_dist.data import CorpusStats, Source, TokenLoader, Tokenizer, read_documents, train_tokenizer, write_shards
+from rwkv_dist.data.shards import load_manifest, verify
+from rwkv_dist.data.stream import SourceCursor
+from rwkv_dist.data.tokenizer import EOD_ID
+from rwkv_dist.errors import DataError
+
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "light", "north", "quiet", "seven", "tiger", "lemon",
+         "cloud", "paper", "glass", "metal", "ocean", "field", "green", "swift"]
+
+
+def make_corpus(folder: Path, n_docs: int, seed: int, prefix: str = "doc") -> list[str]:
+    """Distinct documents of 20-60 words (longer than the test windows), as one JSONL file."""
+    rng = random.Random(seed)
+    docs = [f"{prefix} {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 60))) for i in range(n_docs)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    folder = tmp_path_factory.mktemp("tok")
+    make_corpus(folder, 200, seed=0)
+    extra = "Tabs\there, CRLF\r\nemoji 😀🚀, CJK 中文字符, accents é ü ñ, math ∑∫, spaces   end\n" * 20
+    (folder / "extra.txt").write_text(extra)
+    files = [folder / "corpus.jsonl", folder / "extra.txt"]
+    return Tokenizer(train_tokenizer(read_documents(files), folder, vocab_size=400))
+
+
+def build(folder: Path, docs_seed: int, tokenizer: Tokenizer, n_docs=60, shard_tokens=300, prefix="doc", **kw):
+    src = folder / "src"
+    docs = make_corpus(src, n_docs, docs_seed, prefix)
+    stats = CorpusStats()
+    write_shards(read_documents([src / "corpus.jsonl"], stats=stats), tokenizer, folder / "ds", stats,
+                 shard_tokens=shard_tokens, **kw)
+    return docs, str(folder / "ds")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, tokenizer):
+    docs, location = build(tmp_path_factory.mktemp("data"), 1, tokenizer)
+    return docs, location
+
+
+def doc_tokens(tokenizer: Tokenizer, docs: list[str]) -> Counter:
+    return Counter(tuple(ids) for ids in tokenizer.encode(docs))
+
+
+# ---- tokenizer and shards ----
+
+def test_tokenizer_round_trip_is_lossless(tokenizer):
+    text = ("  Leading spaces\n\n\tTabs\tinside\r\nWindows line end\r\n"
+            "emoji 😀🚀 and CJK 中文字符 plus unseen 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 ꙮ\n    runs     of spaces   \n")
+    ids = tokenizer.encode([text])[0]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.eod_id == EOD_ID == 0 and tokenizer.sp.id_to_piece(0) == "<|endoftext|>"
+    assert tokenizer.sp.piece_to_id("\n") == 3 and tokenizer.sp.piece_to_id("\t") == 5
+
+
+def test_shards_are_byte_identical_across_builds(tmp_path, tokenizer):
+    _, a = build(tmp_path / "a", 3, tokenizer, val_fraction=0.2)
+    _, b = build(tmp_path / "b", 3, tokenizer, val_fraction=0.2)
+    files = sorted(p.name for p in Path(a).iterdir())
+    assert files == sorted(p.name for p in Path(b).iterdir()) and len(files) > 4
+    for name in files:
+        assert (Path(a) / name).read_bytes() == (Path(b) / name).read_bytes(), name
+    manifest = load_manifest(a)
+    assert manifest.splits["val"] and manifest.dtype == "uint16"
+    assert sum(e.samples for s in manifest.splits.values() for e in s) == 60
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "missing":
+        path.unlink()
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "overwritten":  # garbage in the middle of a sample's bytes: tar still parses, contents differ
+        mid = len(data) // 2
+        path.write_bytes(data[:mid] + b"\xff" * 64 + data[mid + 64 :])
+    elif how == "wrong sha":  # a valid tar with other contents (e.g. a shard swapped in from another dataset)
+        path.write_bytes(data.replace(b"rwkv", b"RWKV"))
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "overwritten", "wrong sha"])
+def test_verify_and_loader_catch_damage(tmp_path, tokenizer, how):
+    docs, location = build(tmp_path, 4, tokenizer)
+    victim = Path(location) / "train-000002.tar"
+    damage(victim, how)
+    lines, damaged = verify(location)
+    assert damaged == ["train-000002.tar"]
+    result = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "data", "verify", location], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "train-000002.tar" in result.stderr
+
+    # on_error=fail stops naming the shard; on_error=skip warns, counts, and delivers every other document
+    strict = TokenLoader(location, ctx_len=8, batch_size=1, on_error="fail", world_size=1)
+    with pytest.raises(DataError, match="train-000002.tar"):
+        for _ in iter_epoch0(strict):
+            pass
+    lenient = TokenLoader(location, ctx_len=8, batch_size=1, on_error="skip")
+    with pytest.warns(UserWarning, match="skipping damaged shard"):
+        got = epoch0_documents(lenient)
+    assert lenient.skipped_shards in (1, 2)  # counted each time it is met: once per epoch (epoch 1 may start on it)
+    manifest = load_manifest(location)
+    expected = doc_tokens(tokenizer, docs)
+    lost = sum(e.samples for e in manifest.splits["train"] if e.file == "train-000002.tar")
+    assert sum(got.values()) == len(docs) - lost and not (got - expected), "no silent loss: only the named shard"
+
+
+# ---- the loader ----
+
+def iter_epoch0(loader: TokenLoader):
+    """Batches until every consumer of the loader has moved into epoch 1, each with its consumer."""
+    done: set[int] = set()
+    for batch in loader:
+        if batch.consumer in done:
+            continue
+        yield batch
+        if min(batch.epochs.values()) >= 1:
+            done.add(batch.consumer)
+            if len(done) == loader.workers:
+                return
+
+
+def epoch0_documents(loader: TokenLoader) -> Counter:
+    """Documents (token tuples) each consumer finished in epoch 0, rebuilt from the inputs it delivered.
+
+    Windows overlap by one token, so a consumer's inputs concatenated are its token stream. Test documents are longer
+    than a window, so the few epoch-1 tokens read before the epoch flag flips never hold a whole document."""
+    streams: dict[int, list[int]] = {}
+    for batch in iter_epoch0(loader):
+        for row in batch.inputs.tolist():
+            streams.setdefault(batch.consumer, []).extend(row)
+    docs = Counter()
+    for stream in streams.values():
+        current: list[int] = []
+        for t in stream:
+            if t == EOD_ID:
+                docs[tuple(current)] += 1
+                current = []
+            else:
+                current.append(t)
+    return docs
+
+
+def test_every_document_exactly_once_with_2_ranks_x_2_workers(dataset, tokenizer):
+    docs, location = dataset
+    got = Counter()
+    for rank in range(2):
+        got += epoch0_documents(TokenLoader(location, ctx_len=8, batch_size=3, rank=rank, world_size=2,
+                                            num_workers=2, seed=5))
+    assert got == doc_tokens(tokenizer, docs)
+
+
+def test_two_real_ranks_on_gloo_deliver_every_document_once(dataset, tokenizer, tmp_path):
+    """Two processes, two DataLoader workers each: all_gather of what each rank read covers the corpus exactly once."""
+    docs, location = dataset
+    script = Path(__file__).with_name("dist_data_worker.py")
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+    procs = [subprocess.Popen([sys.executable, str(script), location, str(rank), "2", str(tmp_path / f"r{rank}.json")],
+                              env=env) for rank in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    gathered = json.loads((tmp_path / "r0.json").read_text())
+    got = Counter(tuple(d) for rank_docs in gathered for d in rank_docs)
+    assert got == doc_tokens(tokenizer, docs)
+
+
+def batches(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x.inputs, y.inputs) and torch.equal(x.targets, y.targets)
+                                    and x.sources == y.sources for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_restore_continues_exactly(dataset, num_workers):
+    """Stop after k batches, restore in a fresh loader: the next batches are those of an uninterrupted stream.
+    k covers the first batch, mid-shard, shard ends and epoch boundaries (an epoch is ~85 batches here)."""
+    _, location = dataset
+    make = lambda: TokenLoader(location, ctx_len=8, batch_size=4, num_workers=num_workers, seed=2)  # noqa: E731
+    reference = batches(make(), 260)
+    assert max(reference[-1].epochs.values()) >= 2, "the run must cross epoch boundaries"
+    for k in (1, 7, 33, 101, 170):
+        first = make()
+        batches(first, k)
+        state = json.loads(json.dumps(first.state_dict()))  # states survive JSON (they go into checkpoints)
+        resumed = make()
+        resumed.load_state_dict(state)
+        assert same(batches(resumed, 260 - k)[:40], reference[k : k + 40]), f"k={k}"
+
+
+def tokens_until_epoch1(cursors: list[SourceCursor]) -> Counter:
+    """Every token each cursor reads from its position to the end of epoch 0, stepping one token at a time."""
+    seen = Counter()
+    for cursor in cursors:
+        while cursor.position()[0] == 0:
+            seen[int(cursor.take(2, EOD_ID)[0])] += 1
+    return seen
+
+
+def test_world_size_change_neither_repeats_nor_skips(dataset, tokenizer):
+    """Save on 2 ranks x 2 workers mid-epoch, resume on 3 ranks x 1 worker: what the old consumers read plus what the
+    new ones read to the end of the epoch is the corpus (+ one end-of-document token each), token for token."""
+    docs, location = dataset
+    old = [TokenLoader(location, ctx_len=8, batch_size=2, rank=r, world_size=2, num_workers=2, seed=9) for r in range(2)]
+    read = Counter()
+    for loader, n in zip(old, (9, 14)):
+        for batch in batches(loader, n):
+            read.update(batch.inputs.flatten().tolist())
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in old]
+    manifest = load_manifest(location)
+    for rank in range(3):
+        new = TokenLoader(location, ctx_len=8, batch_size=2, rank=rank, world_size=3, seed=9)
+        new.load_state_dict(states)
+        cursor_state = new._consumer_states[rank]["sources"][location]
+        read += tokens_until_epoch1([SourceCursor(Source(location), manifest, "train", rank, 3, 9, "fail", cursor_state)])
+    expected = Counter(t for ids in tokenizer.encode(docs) for t in ids)
+    expected[EOD_ID] += len(docs)
+    assert read == expected
+
+
+def test_mixture_proportions(tmp_path, tokenizer):
+    _, web = build(tmp_path / "web", 11, tokenizer, prefix="web")
+    _, code = build(tmp_path / "code", 12, tokenizer, prefix="code")
+    sources = [Source(web, 0.7, "web"), Source(code, 0.3, "code")]
+    loader = TokenLoader(sources, ctx_len=4, batch_size=20, seed=3)
+    rows = [name for batch in batches(loader, 100) for name in batch.sources]
+    share = rows.count("web") / len(rows)
+    assert abs(share - 0.7) < 4 * (0.7 * 0.3 / len(rows)) ** 0.5  # within 4 sigma of 2000 draws
+    # and it resumes exactly too
+    first = TokenLoader(sources, ctx_len=4, batch_size=20, seed=3)
+    batches(first, 13)
+    second = TokenLoader(sources, ctx_len=4, batch_size=20, seed=3)
+    second.load_state_dict(first.state_dict())
+    assert same(batches(second, 10), batches(TokenLoader(sources, ctx_len=4, batch_size=20, seed=3), 23)[13:])
+
+
+def test_pipe_urls_are_read(dataset):
+    docs, location = dataset
+    loader = TokenLoader(Source(f"pipe:cat {location}/{{}}"), ctx_len=8, batch_size=2)
+    assert same(batches(loader, 5), batches(TokenLoader(Source(f"pipe:cat {location}/{{}}"), ctx_len=8, batch_size=2), 5))
+    assert batches(loader, 1)[0].inputs.shape == (2, 8)
+
+
+# ---- bad input ----
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "rwkv_dist.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def one_line_error(result, needle: str):
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and needle in result.stderr, result.stderr
+
+
+def test_bad_corpora(tmp_path, tokenizer):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("   \n\n")
+    one_line_error(run_cli("data", "tokenizer", "--input", empty, "--vocab-size", 300, "--out", tmp_path / "t"),
+                   "the corpus has no text")
+    one_line_error(run_cli("data", "shards", "--tokenizer", tokenizer.path, "--input", empty, "--out", tmp_path / "d"),
+                   "no non-empty documents")
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"text": "fine"}\n{"body": "other field"}\n')
+    one_line_error(run_cli("data", "shards", "--tokenizer", tokenizer.path, "--input", jsonl, "--out", tmp_path / "d"),
+                   f"{jsonl}:2: no text field 'text' (has: body)")
+    small = tmp_path / "small.txt"
+    small.write_text("tiny corpus " * 10)
+    one_line_error(run_cli("data", "tokenizer", "--input", small, "--vocab-size", 5000, "--out", tmp_path / "t"),
+                   "Vocabulary size too high")
+    one_line_error(run_cli("data", "tokenizer", "--input", tmp_path / "nothing*.txt", "--vocab-size", 300,
+                           "--out", tmp_path / "t"), "no files match")
+    assert not (tmp_path / "d").exists() and not (tmp_path / "t" / "tokenizer.model").exists()
+
+
+def test_empty_and_non_utf8_documents_are_counted(tmp_path, tokenizer):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.txt").write_bytes("valid text ".encode() * 5 + b"\xff\xfe broken bytes")
+    (folder / "b.txt").write_text("")
+    (folder / "c.jsonl").write_text('{"text": "  "}\n{"text": "real document here"}\n')
+    stats = CorpusStats()
+    docs = list(read_documents(sorted(folder.iterdir()), stats=stats))
+    assert len(docs) == 2 and "\ufffd" in docs[0]
+    assert (stats.empty, stats.invalid_utf8, stats.documents) == (2, 1, 2)
+
+
+def test_tokenizer_manifest_mismatch(tmp_path, dataset, tokenizer):
+    _, location = dataset
+    with pytest.raises(DataError, match="the run expects"):
+        TokenLoader(location, ctx_len=8, batch_size=1, tokenizer_sha256="0" * 64)
+    folder = tmp_path / "other"
+    make_corpus(folder, 50, seed=7)
+    other = Tokenizer(train_tokenizer(read_documents([folder / "corpus.jsonl"]), folder, vocab_size=300))
+    _, other_ds = build(tmp_path, 8, other)
+    with pytest.raises(DataError, match="made with another tokenizer"):
+        TokenLoader([Source(location, name="a"), Source(other_ds, name="b")], ctx_len=8, batch_size=1)
+
+
+def test_loader_arguments_are_checked(dataset, tmp_path):
+    _, location = dataset
+    with pytest.raises(DataError, match="shards for 200 consumers"):
+        TokenLoader(location, ctx_len=8, batch_size=1, world_size=100, num_workers=2)
+    with pytest.raises(DataError, match="on_error must be"):
+        TokenLoader(location, ctx_len=8, batch_size=1, on_error="ignore")
+    with pytest.raises(DataError, match="cannot read the dataset manifest"):
+        TokenLoader(str(tmp_path / "nowhere"), ctx_len=8, batch_size=1)
+    with pytest.raises(DataError, match="weights must be positive"):
+        TokenLoader(Source(location, weight=0), ctx_len=8, batch_size=1)
