@@ -30,6 +30,7 @@ test: setup
 bench: setup
 	$(PY) bench/wkv_cpu.py
 	$(PY) bench/decode.py
+	$(PY) bench/data_loader.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) build *.egg-info
