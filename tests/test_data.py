@@ -327,3 +327,15 @@ def test_loader_arguments_are_checked(dataset, tmp_path):
         TokenLoader(str(tmp_path / "nowhere"), ctx_len=8, batch_size=1)
     with pytest.raises(DataError, match="weights must be positive"):
         TokenLoader(Source(location, weight=0), ctx_len=8, batch_size=1)
+
+
+def test_validation_pass_covers_the_val_split_once(tmp_path, tokenizer):
+    docs, location = build(tmp_path, 13, tokenizer, n_docs=80, val_fraction=0.3)
+    manifest = load_manifest(location)
+    val_tokens = sum(e.tokens for e in manifest.splits["val"]) + sum(e.samples for e in manifest.splits["val"])
+    from rwkv_dist.data import validation_batches
+
+    rows = [x for r in range(2) for x, _ in validation_batches(location, ctx_len=8, batch_size=1, rank=r, world_size=2)]
+    assert rows and len(rows) * 8 <= val_tokens < (len(rows) + 2 * 2) * 8  # all but the last partial window per rank
+    again = [x for x, _ in validation_batches(location, ctx_len=8, batch_size=1)]
+    assert len(again) >= len(rows) - 1 and torch.equal(again[0], validation_batches(location, 8, 1).__next__()[0])

@@ -172,3 +172,17 @@ def test_bad_model_config(fields, message):
 
     with pytest.raises(ValidationError, match=message):
         RWKVConfig(**fields)
+
+
+def test_decoding_layout_keeps_values_names_and_outputs():
+    model = random_model(seed=9)
+    tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    logits, state = model.step(tokens[:, 0])
+    model.for_decoding()
+    assert not model.head.weight.is_contiguous() and model.head.weight.shape == before["head.weight"].shape
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    logits2, state2 = model.step(tokens[:, 0])
+    assert rel_err(logits2, logits) <= 1e-6
+    assert rel_err(model(tokens), random_model(seed=9)(tokens)) <= 1e-6

