@@ -38,7 +38,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(steps=args.steps, seed=args.seed)
+    run_demo(out=args.out, steps=args.steps, seed=args.seed)
 
 
 def _progress(description: str, total: int | None = None):
@@ -135,8 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="dataset directory or URL prefix")
     p.set_defaults(func=cmd_data_verify)
 
-    p = sub.add_parser("demo", help="train a tiny RWKV on built-in text for a few seconds and print a sample")
-    p.add_argument("--steps", type=int, default=300)
+    p = sub.add_parser("demo", help="embedded corpus -> tokenizer -> shards -> train a small RWKV -> sample")
+    p.add_argument("--out", default="runs/demo", help="where the tokenizer, shards and outputs go")
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -1,74 +1,90 @@
-"""The smoke-test demo: a tiny byte-level RWKV trained in one process on text every Python installation carries.
+"""The demo: the embedded corpus through the real data path into a small RWKV, trained in one process.
 
-Later issues replace this with the real pipeline (tokenizer, WebDataset shards, DeepSpeed ZeRO-3 on Ray workers).
+    corpus (builtin:stdlib) -> sentencepiece tokenizer -> WebDataset shards + manifest -> TokenLoader -> RWKV -> sample
+
+Later work replaces the single-process loop with DeepSpeed ZeRO-3 on Ray workers.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
+import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .data import BUILTIN, CorpusStats, TokenLoader, Tokenizer, expand_inputs, read_documents, train_tokenizer
+from .data import validation_batches, write_shards
 from .model import RWKV, RWKVConfig
 
-# Docstrings of a fixed set of standard-library modules: license-clean English prose, no network needed.
-_CORPUS_MODULES = ("this", "collections", "itertools", "functools", "json", "re", "string", "textwrap", "heapq",
-                   "bisect", "random", "statistics", "fractions", "decimal", "pathlib", "argparse", "logging")
 
-
-def builtin_text() -> str:
-    import contextlib
-    import io
-
-    parts = []
-    for name in _CORPUS_MODULES:
-        with contextlib.redirect_stdout(io.StringIO()) as zen:  # `import this` prints the Zen of Python
-            module = importlib.import_module(name)
-        text = zen.getvalue() or inspect.getdoc(module) or ""
-        parts.append(text)
-        parts.extend(inspect.getdoc(obj) or "" for _, obj in sorted(vars(module).items())
-                     if (inspect.isclass(obj) or inspect.isfunction(obj)) and getattr(obj, "__module__", "") == name)
-    return "\n\n".join(p for p in parts if p)
+def prepare_data(out: Path, vocab_size: int = 2048) -> tuple[Tokenizer, str]:
+    """Tokenizer and shards of the embedded corpus under `out` (built once, reused after)."""
+    files = expand_inputs([BUILTIN])
+    if not (out / "tokenizer" / "tokenizer.model").exists():
+        print(f"training a {vocab_size}-token sentencepiece tokenizer on {len(files)} standard-library files ...")
+        train_tokenizer(read_documents(files), out / "tokenizer", vocab_size=vocab_size)
+    tokenizer = Tokenizer(out / "tokenizer")
+    if not (out / "data" / "manifest.json").exists():
+        print("writing WebDataset shards ...")
+        stats = CorpusStats()
+        write_shards(read_documents(files, stats=stats), tokenizer, out / "data", stats, shard_tokens=100_000,
+                     val_fraction=0.03)
+    return tokenizer, str(out / "data")
 
 
 @torch.no_grad()
-def sample(model: RWKV, prompt: bytes, n: int, temperature: float = 0.8, seed: int = 0) -> bytes:
+def sample(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, temperature: float = 0.8, top_p: float = 0.9,
+           seed: int = 0) -> str:
     gen = torch.Generator().manual_seed(seed)
     logits, state = None, None
-    for byte in prompt:
-        logits, state = model.step(torch.tensor([byte]), state)
-    out = bytearray()
+    for token in tokenizer.encode([prompt])[0]:
+        logits, state = model.step(torch.tensor([token]), state)
+    out = []
     for _ in range(n):
-        probs = torch.softmax(logits[0] / temperature, dim=-1)
-        nxt = int(torch.multinomial(probs, 1, generator=gen))
-        out.append(nxt)
-        logits, state = model.step(torch.tensor([nxt]), state)
-    return bytes(out)
+        probs = torch.softmax(logits[0].float() / temperature, dim=-1)
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < top_p  # nucleus: smallest set with mass >= top_p
+        token = int(order[keep][torch.multinomial(sorted_probs[keep], 1, generator=gen)])
+        out.append(token)
+        logits, state = model.step(torch.tensor([token]), state)
+    return tokenizer.decode(out)
 
 
-def run_demo(steps: int = 300, seed: int = 0, ctx_len: int = 128, batch: int = 16) -> float:
+def evaluate(model: RWKV, location: str, ctx_len: int, batches: int = 8) -> float:
+    losses = []
+    with torch.no_grad():
+        for x, y in validation_batches(location, ctx_len, batch_size=4, max_batches=batches):
+            losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    return sum(losses) / max(len(losses), 1)
+
+
+def run_demo(out: str | Path = "runs/demo", steps: int = 300, seed: int = 0, ctx_len: int = 128,
+             batch_size: int = 8) -> tuple[float, float]:
+    """Returns (first loss, last loss)."""
     torch.manual_seed(seed)
-    data = torch.frombuffer(bytearray(builtin_text().encode()), dtype=torch.uint8).long()
-    print(f"corpus: {len(data):,} bytes of standard-library docstrings; byte-level vocabulary (256)")
-    model = RWKV(RWKVConfig(n_layer=2, n_embd=128, vocab_size=256, ctx_len=ctx_len))
-    print(f"model: RWKV-4 L2 D128, {sum(p.numel() for p in model.parameters()):,} parameters")
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3, betas=(0.9, 0.99), eps=1e-8)
-    start, first = time.time(), None
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(data) - ctx_len - 1, (batch,))
-        window = torch.stack([data[i : i + ctx_len + 1] for i in idx])
-        loss = F.cross_entropy(model(window[:, :-1]).flatten(0, 1), window[:, 1:].flatten())
+    out = Path(out)
+    tokenizer, location = prepare_data(out)
+    loader = TokenLoader(location, ctx_len=ctx_len, batch_size=batch_size, seed=seed)
+    model = RWKV(RWKVConfig(n_layer=4, n_embd=128, vocab_size=tokenizer.vocab_size, ctx_len=ctx_len))
+    print(f"model: RWKV-4 L4 D128 V{tokenizer.vocab_size}, {sum(p.numel() for p in model.parameters()):,} parameters")
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.99), eps=1e-8)
+    start, first, loss = time.time(), None, None
+    for step, batch in enumerate(loader, 1):
+        loss = F.cross_entropy(model(batch.inputs).flatten(0, 1), batch.targets.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        first = first if first is not None else loss.item()
+        first = loss.item() if first is None else first
         if step % 50 == 0 or step == 1:
-            tok_s = step * batch * ctx_len / (time.time() - start)
-            print(f"step {step:4d}  loss {loss.item():.3f}  {tok_s:,.0f} tokens/s")
-    print(f"loss {first:.3f} -> {loss.item():.3f} in {time.time() - start:.1f} s")
-    text = sample(model, b"The ", 200, seed=seed).decode("utf-8", errors="replace")
-    print("sample (recurrent mode): The " + text)
-    return loss.item()
+            tok_s = step * batch_size * ctx_len / (time.time() - start)
+            print(f"step {step:4d}  loss {loss.item():.3f}  {tok_s:,.0f} tokens/s  epoch {batch.epochs[location]}")
+        if step == steps:
+            break
+    model.eval()
+    val = evaluate(model, location, ctx_len)
+    print(f"train loss {first:.3f} -> {loss.item():.3f} in {time.time() - start:.1f} s; "
+          f"val loss {val:.3f} (perplexity {math.exp(val):.1f}; uniform would be {math.log(tokenizer.vocab_size):.2f})")
+    print("sample (recurrent mode):\ndef " + sample(model.for_decoding(), tokenizer, "def ", 120, seed=seed))
+    return first, loss.item()
