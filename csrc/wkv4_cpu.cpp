@@ -35,8 +35,9 @@ struct Lanes {
 };
 
 template <typename F>
-void forward_kernel(const float* w, const float* u, const F* k, const F* v, const float* s0, F* y, float* s_out,
-                    float* ckpt, int64_t B, int64_t T, int64_t C) {
+void forward_kernel(const float* __restrict__ w, const float* __restrict__ u, const F* __restrict__ k,
+                    const F* __restrict__ v, const float* __restrict__ s0, F* __restrict__ y,
+                    float* __restrict__ s_out, float* __restrict__ ckpt, int64_t B, int64_t T, int64_t C) {
     const int64_t tiles = (C + kTile - 1) / kTile;
     const int64_t n_ckpt = wkv4::num_checkpoints(T);
 #pragma omp parallel for schedule(static)
@@ -68,8 +69,10 @@ struct GradTile {
 };
 
 template <typename F>
-void backward_kernel(const float* w, const float* u, const F* k, const F* v, const F* gy, const float* ckpt,
-                     const float* s_last, const float* g_last, F* gk, F* gv, float* gw, float* gu, float* g_s0,
+void backward_kernel(const float* __restrict__ w, const float* __restrict__ u, const F* __restrict__ k,
+                     const F* __restrict__ v, const F* __restrict__ gy, const float* __restrict__ ckpt,
+                     const float* __restrict__ s_last, const float* __restrict__ g_last, F* __restrict__ gk,
+                     F* __restrict__ gv, float* __restrict__ gw, float* __restrict__ gu, float* __restrict__ g_s0,
                      int64_t B, int64_t T, int64_t C) {
     constexpr int64_t L = wkv4::kCheckpointEvery;
     const int64_t tiles = (C + kTile - 1) / kTile;
