@@ -6,11 +6,12 @@ Every problem becomes one ConfigError line naming the file and the field, e.g.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 from .model.config import RWKVConfig
@@ -68,6 +69,9 @@ def describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         field = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        if err["type"] == "value_error":  # cross-field checks name their own fields
+            parts.append(err["msg"].removeprefix("Value error, "))
+            continue
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
         parts.append(f"{field}: {msg}{got}")
@@ -76,3 +80,124 @@ def describe(e: ValidationError) -> str:
 
 def load_model_file(path: str | Path) -> ModelFile:
     return validate(ModelFile, read_yaml(path), str(path))
+
+
+# ---- the run config (rwkv-dist train) ----------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Section):
+    location: str = Field(description="dataset directory / URL prefix / template with {} (see data/README.md)")
+    weight: float = Field(default=1.0, gt=0)
+    name: str = ""
+
+
+class DataConfig(_Section):
+    sources: list[SourceConfig] = Field(min_length=1)
+    val: str | None = Field(default=None, description="dataset whose val split gives the validation loss")
+    num_workers: int = Field(default=0, ge=0)
+    on_error: Literal["skip", "fail"] = "skip"
+
+
+class TrainOptimizerConfig(OptimizerConfig):
+    """The paper's recipe plus the official code's LR multipliers and clipping."""
+
+    time_decay_lr_mult: float = Field(default=2.0, gt=0)
+    time_first_lr_mult: float = Field(default=3.0, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0, description="max global grad norm; 0 disables clipping")
+
+
+class ScheduleConfig(_Section):
+    steps: int = Field(ge=1, description="optimizer steps in the run")
+    global_batch_size: int = Field(ge=1, description="sequences per optimizer step, over all ranks")
+    micro_batch_size: int = Field(ge=1, description="sequences per rank per forward/backward")
+    grad_accum: int = Field(default=1, ge=1)
+
+
+class ParallelConfig(_Section):
+    strategy: Literal["zero3", "ddp"] = "zero3"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    activation_checkpointing: bool = False
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(default=100, ge=1)
+    keep_last: int = Field(default=3, ge=1)
+    resume: str = Field(default="auto", description="auto (newest complete checkpoint, if any), none, or a step folder")
+
+
+class LoggingConfig(_Section):
+    every_steps: int = Field(default=10, ge=1)
+    val_every_steps: int = Field(default=0, ge=0, description="0: only at the end")
+    val_batches: int = Field(default=20, ge=1)
+    peak_flops: float | None = Field(default=None, gt=0, description="per device, for MFU; default: detected")
+    spike_factor: float = Field(default=3.0, gt=1)
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    out_dir: str = "runs/run"
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    l2wrap: bool = True
+    model: RWKVConfig
+    data: DataConfig
+    optimizer: TrainOptimizerConfig
+    schedule: ScheduleConfig
+    parallel: ParallelConfig = ParallelConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunConfig":
+        if self.optimizer.warmup_steps > self.schedule.steps:
+            raise ValueError(f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) exceeds schedule.steps "
+                             f"({self.schedule.steps})")
+        if self.optimizer.lr_final > self.optimizer.lr_init:
+            raise ValueError(f"optimizer.lr_final ({self.optimizer.lr_final}) exceeds lr_init ({self.optimizer.lr_init})")
+        if self.parallel.offload_params and self.parallel.strategy != "zero3":
+            raise ValueError("parallel.offload_params needs strategy zero3")
+        if self.schedule.global_batch_size % (self.schedule.micro_batch_size * self.schedule.grad_accum):
+            raise ValueError(f"schedule.global_batch_size ({self.schedule.global_batch_size}) is not a multiple of "
+                             f"micro_batch_size x grad_accum ({self.schedule.micro_batch_size} x {self.schedule.grad_accum})")
+        return self
+
+    def check_world_size(self, world_size: int, source: str = "config") -> None:
+        """micro_batch_size x grad_accum x world_size must equal global_batch_size (known only once ranks exist)."""
+        s = self.schedule
+        if s.micro_batch_size * s.grad_accum * world_size != s.global_batch_size:
+            raise ConfigError(f"{source}: schedule.micro_batch_size x grad_accum x world size = {s.micro_batch_size} x "
+                              f"{s.grad_accum} x {world_size} = {s.micro_batch_size * s.grad_accum * world_size}, "
+                              f"but global_batch_size is {s.global_batch_size}")
+
+
+def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
+    """`a.b.c=value` pairs (value parsed as YAML) applied to a nested dict; a path through a non-mapping is an error.
+    Unknown keys are left for validation to name."""
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"{source}: override {item!r} is not key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"{source}: override {item!r}: value is not valid YAML") from None
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{source}: override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    data = apply_overrides(read_yaml(path), overrides or [], str(path))
+    return validate(RunConfig, data, str(path))
