@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -61,8 +62,8 @@ def evaluate(model: RWKV, location: str, ctx_len: int, batches: int = 8) -> floa
 
 
 def run_demo(out: str | Path = "runs/demo", steps: int = 300, seed: int = 0, ctx_len: int = 128,
-             batch_size: int = 8) -> tuple[float, float]:
-    """Returns (first loss, last loss)."""
+             batch_size: int = 8) -> tuple[float, float, float]:
+    """Returns (first training loss, mean of the last 20 training losses, validation loss)."""
     torch.manual_seed(seed)
     out = Path(out)
     tokenizer, location = prepare_data(out)
@@ -70,13 +71,14 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 300, seed: int = 0, ctx
     model = RWKV(RWKVConfig(n_layer=4, n_embd=128, vocab_size=tokenizer.vocab_size, ctx_len=ctx_len))
     print(f"model: RWKV-4 L4 D128 V{tokenizer.vocab_size}, {sum(p.numel() for p in model.parameters()):,} parameters")
     opt = torch.optim.Adam(model.parameters(), lr=3e-3, betas=(0.9, 0.99), eps=1e-8)
-    start, first, loss = time.time(), None, None
+    start, first, recent = time.time(), None, deque(maxlen=20)
     for step, batch in enumerate(loader, 1):
         loss = F.cross_entropy(model(batch.inputs).flatten(0, 1), batch.targets.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         first = loss.item() if first is None else first
+        recent.append(loss.item())
         if step % 50 == 0 or step == 1:
             tok_s = step * batch_size * ctx_len / (time.time() - start)
             print(f"step {step:4d}  loss {loss.item():.3f}  {tok_s:,.0f} tokens/s  epoch {batch.epochs[location]}")
@@ -84,7 +86,8 @@ def run_demo(out: str | Path = "runs/demo", steps: int = 300, seed: int = 0, ctx
             break
     model.eval()
     val = evaluate(model, location, ctx_len)
-    print(f"train loss {first:.3f} -> {loss.item():.3f} in {time.time() - start:.1f} s; "
+    last = sum(recent) / len(recent)
+    print(f"train loss {first:.3f} -> {last:.3f} (mean of the last {len(recent)}) in {time.time() - start:.1f} s; "
           f"val loss {val:.3f} (perplexity {math.exp(val):.1f}; uniform would be {math.log(tokenizer.vocab_size):.2f})")
     print("sample (recurrent mode):\ndef " + sample(model.for_decoding(), tokenizer, "def ", 120, seed=seed))
-    return first, loss.item()
+    return first, last, val

@@ -84,3 +84,20 @@ def test_param_groups_multipliers_and_no_decay_on_vectors(demo):
         assert by_param[id(named[name])]["weight_decay"] == 0.0, name
     assert sum(len(g["params"]) for g in groups) == len(named)
     torch.optim.AdamW(groups, lr=opt.lr_init, betas=opt.betas, eps=opt.eps)  # the groups are valid AdamW groups
+
+
+def test_l2wrap_is_the_gradient_of_the_max_logit_penalty():
+    from rwkv_dist.train.l2wrap import L2WRAP_SCALE, l2wrap
+
+    logits = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 11, (3, 5))
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+    wrapped = l2wrap(ce, logits) * 0.5  # a scaled loss, as under gradient accumulation
+    assert wrapped.item() == pytest.approx(0.5 * ce.item())
+    (g,) = torch.autograd.grad(wrapped, logits)
+    # independent: autograd of ce + (scale / 2 / positions) * sum(max^2), everything scaled by 0.5
+    ref_logits = logits.detach().clone().requires_grad_()
+    penalty = (L2WRAP_SCALE / 2 / 15) * ref_logits.max(-1).values.square().sum()
+    ce_ref = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), target.flatten())
+    (g_ref,) = torch.autograd.grad(0.5 * (ce_ref + penalty), ref_logits)
+    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-15)
