@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import torch
 
 from rwkv_dist.model import RWKV, RWKVConfig
@@ -18,3 +21,9 @@ def random_model(seed: int = 0, n_layer: int = 3, n_embd: int = 32, vocab_size: 
             if "time_mix" in name:
                 p.clamp_(0, 1)
     return model.eval()
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`rwkv-dist ARGS...` in a fresh interpreter, output captured."""
+    return subprocess.run([sys.executable, "-m", "rwkv_dist.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)

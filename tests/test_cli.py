@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+from helpers import run_cli
 
 from rwkv_dist.info import model_info
 
@@ -14,11 +13,6 @@ PAPER = {  # name: (params, forward FLOPs/token = 2 (V D + 13 D^2 L))
     "169m": 169_342_464, "430m": 430_397_440, "1.5b": 1_515_106_304,
     "3b": 2_984_627_200, "7b": 7_392_649_216, "14b": 14_148_597_760,
 }
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "rwkv_dist.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -31,7 +25,7 @@ def test_info_gives_the_paper_parameter_counts(repo, name):
 
 
 def test_info_json_cli(repo):
-    result = cli("info", repo / "configs/model/rwkv4-14b.yaml", "--json")
+    result = run_cli("info", repo / "configs/model/rwkv4-14b.yaml", "--json")
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["params"] == 14_148_597_760
@@ -65,14 +59,14 @@ BAD_CONFIGS = [
 def test_bad_config_is_one_clear_line(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    result = cli("info", path)
+    result = run_cli("info", path)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"rwkv-dist info: error: {path}: ") and result.stderr.count("\n") == 1
     assert message in result.stderr
 
 
 def test_missing_config_file(tmp_path):
-    result = cli("info", tmp_path / "nope.yaml")
+    result = run_cli("info", tmp_path / "nope.yaml")
     assert result.returncode == 2 and "nope.yaml: no such config file" in result.stderr
 
 
@@ -83,5 +77,5 @@ def test_missing_config_file(tmp_path):
     (["train-everything"], "invalid choice: 'train-everything'"),
 ])
 def test_bad_arguments(args, message):
-    result = cli(*args)
+    result = run_cli(*args)
     assert result.returncode == 2 and message in result.stderr

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_cli
 
 from rwkv_dist.data import CorpusStats, Source, TokenLoader, Tokenizer, read_documents, train_tokenizer, write_shards
 from rwkv_dist.data.shards import load_manifest, verify
@@ -104,8 +105,7 @@ def test_verify_and_loader_catch_damage(tmp_path, tokenizer, how):
     damage(victim, how)
     lines, damaged = verify(location)
     assert damaged == ["train-000002.tar"]
-    result = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "data", "verify", location], capture_output=True,
-                            text=True, timeout=120)
+    result = run_cli("data", "verify", location)
     assert result.returncode == 1 and "train-000002.tar" in result.stderr
 
     # on_error=fail stops naming the shard; on_error=skip warns, counts, and delivers every other document
@@ -262,11 +262,6 @@ def test_pipe_urls_are_read(dataset):
 
 
 # ---- bad input ----
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "rwkv_dist.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=120)
-
 
 def one_line_error(result, needle: str):
     assert result.returncode == 2, result.stderr

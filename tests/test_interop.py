@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import random_model
+from helpers import random_model, run_cli
 
 from rwkv_dist.errors import CheckpointError
 from rwkv_dist.export import export_state_dict
@@ -18,11 +16,6 @@ from rwkv_dist.model.state_dict import load_rwkv, read_state_dict
 
 def rel_err(a, b) -> float:
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rwkv_dist.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
 
 
 def test_logits_equal_rwkv_pip_package(tmp_path):
@@ -46,7 +39,7 @@ def test_logits_equal_transformers_after_hf_export(tmp_path):
 
     model = random_model(seed=6, n_layer=3, n_embd=32, vocab_size=64)
     torch.save(model.state_dict(), tmp_path / "model.pth")
-    result = cli("export", tmp_path / "model.pth", "--format", "hf", "--out", tmp_path / "hf")
+    result = run_cli("export", tmp_path / "model.pth", "--format", "hf", "--out", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     hf = RwkvForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokens = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(1))
@@ -110,12 +103,12 @@ def test_bad_state_dicts_are_named(tmp_path, how, message):
     with pytest.raises(CheckpointError, match=message):
         load_rwkv(read_state_dict(tmp_path / "bad.pth"), source=str(tmp_path / "bad.pth"))
     out = tmp_path / "out.pth"
-    result = cli("export", tmp_path / "bad.pth", "--format", "blinkdl", "--out", out)
+    result = run_cli("export", tmp_path / "bad.pth", "--format", "blinkdl", "--out", out)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "bad.pth" in result.stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["bad.pth"], "nothing written on failure"
 
 
 def test_missing_source_file_is_one_clear_error(tmp_path):
-    result = cli("export", tmp_path / "nope.pth", "--format", "hf", "--out", tmp_path / "hf")
+    result = run_cli("export", tmp_path / "nope.pth", "--format", "hf", "--out", tmp_path / "hf")
     assert result.returncode == 2
     assert result.stderr.strip() == f"rwkv-dist export: error: {tmp_path / 'nope.pth'}: no such file"
