@@ -41,6 +41,16 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(out=args.out, steps=args.steps, seed=args.seed)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_run_config
+    from .train.distributed import finish
+    from .train.trainer import train
+
+    cfg = load_run_config(args.config, args.overrides)
+    train(cfg, source=args.config, resume=args.resume)
+    finish()
+
+
 def _progress(description: str, total: int | None = None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -134,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("verify", help="check every shard against the manifest; exit 1 naming damaged shards")
     p.add_argument("dir", help="dataset directory or URL prefix")
     p.set_defaults(func=cmd_data_verify)
+
+    p = sub.add_parser("train", help="pretrain with DeepSpeed (alone, or under torchrun / the deepspeed launcher)")
+    p.add_argument("config", help="run config YAML, e.g. configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. schedule.steps=100")
+    p.add_argument("--resume", default=None,
+                   help="auto (newest committed checkpoint), none, or a step folder; default: checkpoint.resume")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo", help="embedded corpus -> tokenizer -> shards -> train a small RWKV -> sample")
     p.add_argument("--out", default="runs/demo", help="where the tokenizer, shards and outputs go")

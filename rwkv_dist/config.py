@@ -122,6 +122,10 @@ class ParallelConfig(_Section):
     offload_optimizer: bool = False
     offload_params: bool = False
     activation_checkpointing: bool = False
+    persistence_threshold: int = Field(
+        default=10_000, ge=0,
+        description="zero3: parameters with at most this many elements stay whole on every rank (per-channel vectors; "
+                    "every matrix of a D >= 128 model is sharded)")
 
 
 class CheckpointConfig(_Section):
@@ -135,7 +139,21 @@ class LoggingConfig(_Section):
     val_every_steps: int = Field(default=0, ge=0, description="0: only at the end")
     val_batches: int = Field(default=20, ge=1)
     peak_flops: float | None = Field(default=None, gt=0, description="per device, for MFU; default: detected")
-    spike_factor: float = Field(default=3.0, gt=1)
+
+
+class GuardConfig(_Section):
+    max_bad_steps: int = Field(default=3, ge=1, description="consecutive non-finite steps that trigger a rollback")
+    max_rollbacks: int = Field(default=3, ge=0, description="rollbacks before the run gives up")
+    spike_sigmas: float = Field(default=6.0, gt=0, description="a loss this many standard deviations above the mean "
+                                                               "of the last 100 steps is logged as a spike")
+
+
+class FaultsConfig(_Section):
+    """Fault injection, for testing the guards and the checkpoint commit (leave empty in real runs)."""
+
+    nan_loss_at_steps: list[int] = Field(default=[], description="steps (1-based) whose loss is made NaN on rank 0")
+    crash_in_save_at_step: int | None = Field(default=None, description="kill the process mid-way through this "
+                                                                          "step's checkpoint, before it is committed")
 
 
 class RunConfig(_Section):
@@ -151,6 +169,8 @@ class RunConfig(_Section):
     parallel: ParallelConfig = ParallelConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    guard: GuardConfig = GuardConfig()
+    faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunConfig":
@@ -159,8 +179,9 @@ class RunConfig(_Section):
                              f"({self.schedule.steps})")
         if self.optimizer.lr_final > self.optimizer.lr_init:
             raise ValueError(f"optimizer.lr_final ({self.optimizer.lr_final}) exceeds lr_init ({self.optimizer.lr_init})")
-        if self.parallel.offload_params and self.parallel.strategy != "zero3":
-            raise ValueError("parallel.offload_params needs strategy zero3")
+        for flag in ("offload_params", "offload_optimizer"):
+            if getattr(self.parallel, flag) and self.parallel.strategy != "zero3":
+                raise ValueError(f"parallel.{flag} needs strategy zero3")
         if self.schedule.global_batch_size % (self.schedule.micro_batch_size * self.schedule.grad_accum):
             raise ValueError(f"schedule.global_batch_size ({self.schedule.global_batch_size}) is not a multiple of "
                              f"micro_batch_size x grad_accum ({self.schedule.micro_batch_size} x {self.schedule.grad_accum})")

@@ -1,0 +1,200 @@
+"""Training checkpoints: DeepSpeed engine state + trainer state, committed atomically, newest complete one resumed.
+
+    OUT/checkpoints/
+      step_00000200/            committed: the DeepSpeed engine files (model, ZeRO shards, optimizer), plus
+        trainer/rank_00000.json   per rank: step, tokens, counters, data-stream positions
+        trainer/rank_00000.rng.safetensors   per rank: RNG states (no pickle)
+        config.yaml, tokenizer.model, COMPLETE.json
+      step_00000300.partial/    being written (or left by a crash): never resumed from, removed by the next save
+      latest                    name of the newest committed step (informational; resume scans for COMPLETE.json)
+
+Commit protocol: every rank writes into `step_N.partial/`; after a barrier rank 0 writes COMPLETE.json, renames the
+folder to `step_N` (one atomic rename) and updates `latest`; then old checkpoints beyond `keep_last` are removed. A crash at
+any point leaves the previous committed checkpoint untouched.
+
+DeepSpeed reads its own files with pickle. Before handing a checkpoint to DeepSpeed (resume, export) every pickle in it
+is opened with torch's weights-only unpickler, which executes nothing and admits only tensors, containers and the
+DeepSpeed enums listed below; anything else is refused with the file named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import CheckpointError
+
+STEP_PREFIX = "step_"
+PARTIAL = ".partial"
+COMPLETE = "COMPLETE.json"
+LATEST = "latest"
+FORMAT = "rwkv_dist.checkpoint/1"
+
+
+def step_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write via a temporary file in the same folder, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+class CheckpointStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def committed(self) -> list[Path]:
+        """Committed step folders, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir()
+                 if p.is_dir() and p.name.startswith(STEP_PREFIX) and not p.name.endswith(PARTIAL) and is_checkpoint(p)]
+        return sorted(found, key=lambda p: p.name)
+
+    def resolve(self, spec: str) -> Path | None:
+        """`auto`: the newest committed checkpoint (None if there is none); `none`: None; else a committed step folder."""
+        if spec == "none":
+            return None
+        if spec == "auto":
+            found = self.committed()
+            return found[-1] if found else None
+        path = Path(spec)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint.resume: {spec}: no such checkpoint folder")
+        if not is_checkpoint(path):
+            raise CheckpointError(f"checkpoint.resume: {spec}: not a committed checkpoint (no {COMPLETE}; "
+                                  f"an interrupted save?)")
+        return path
+
+    # -- saving (called on every rank) -------------------------------------------------------------------------------
+    def begin(self, step: int, is_main: bool) -> tuple[str, Path]:
+        """The DeepSpeed tag and folder to write step `step` into. Rank 0 clears leftovers of interrupted saves."""
+        tag = step_name(step) + PARTIAL
+        if is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for old in self.root.glob(f"{STEP_PREFIX}*{PARTIAL}"):
+                shutil.rmtree(old, ignore_errors=True)
+        return tag, self.root / tag
+
+    @staticmethod
+    def write_rank_state(folder: Path, rank: int, state: dict, rng: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        sub = folder / "trainer"
+        sub.mkdir(parents=True, exist_ok=True)
+        write_atomic(sub / f"rank_{rank:05d}.json", json.dumps(state))
+        save_file(rng, str(sub / f"rank_{rank:05d}.rng.safetensors"))
+
+    def commit(self, folder: Path, step: int, world_size: int, config_yaml: str, tokenizer: bytes, keep_last: int) -> Path:
+        """Rank 0, after every rank finished writing: mark complete, rename into place, point `latest`, prune."""
+        write_atomic(folder / "config.yaml", config_yaml)
+        write_atomic(folder / "tokenizer.model", tokenizer)
+        missing = [r for r in range(world_size) if not (folder / "trainer" / f"rank_{r:05d}.json").is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: ranks {missing} wrote no trainer state; not committing")
+        write_atomic(folder / COMPLETE, json.dumps({"format": FORMAT, "step": step, "world_size": world_size,
+                                                    "time": time.time()}))
+        final = self.root / step_name(step)
+        if final.exists():  # a rollback re-saving a step it had saved before
+            shutil.rmtree(final)
+        os.rename(folder, final)
+        write_atomic(self.root / LATEST, final.name + "\n")
+        for old in self.committed()[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+# -- reading -----------------------------------------------------------------------------------------------------------
+
+
+def read_rank_states(folder: Path) -> list[dict]:
+    meta = read_complete(folder)
+    states = []
+    for r in range(meta["world_size"]):
+        path = folder / "trainer" / f"rank_{r:05d}.json"
+        try:
+            states.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: unreadable trainer state ({e})") from None
+    return states
+
+
+def read_rank_rng(folder: Path, rank: int) -> dict[str, torch.Tensor] | None:
+    from safetensors.torch import load_file
+
+    path = folder / "trainer" / f"rank_{rank:05d}.rng.safetensors"
+    return load_file(str(path)) if path.is_file() else None
+
+
+def read_complete(folder: Path) -> dict:
+    try:
+        meta = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder}: not a committed checkpoint ({e})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / COMPLETE}: format {meta.get('format')!r}, expected {FORMAT}")
+    return meta
+
+
+# Non-tensor types DeepSpeed puts in its checkpoint pickles: plain enums and records whose unpickling runs no code of
+# theirs (no __reduce__ / __setstate__ beyond the default).
+DEEPSPEED_SAFE_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+)
+
+
+def _deepspeed_safe_globals() -> list:
+    import importlib
+
+    allowed = []
+    for dotted in DEEPSPEED_SAFE_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        try:
+            allowed.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the DeepSpeed version
+            pass
+    return allowed
+
+
+def check_pickles(folder: Path) -> None:
+    """Open every pickle under `folder` with the weights-only unpickler; raise naming the first that needs more."""
+    files = sorted(p for p in folder.rglob("*.pt")) + sorted(folder.rglob("*.pth"))
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        for path in files:
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - any refusal is the same user-facing problem
+                lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x] or [str(e).strip() or type(e).__name__]
+                reason = lines[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")[:200]
+                raise CheckpointError(f"{path}: refused to load, not weights-only ({reason})") from None
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A committed step folder, given it or a run folder / checkpoints folder (then the newest committed one)."""
+    path = Path(path)
+    if is_checkpoint(path):
+        return path
+    for root in (path / "checkpoints", path):
+        found = CheckpointStore(root).committed()
+        if found:
+            return found[-1]
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run folder")
+    raise CheckpointError(f"{path}: no committed checkpoint in it")

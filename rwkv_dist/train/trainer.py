@@ -1,0 +1,391 @@
+"""The trainer: RWKV-4 on a DeepSpeed engine, fed by the streaming loader, checkpointed and resumable exactly.
+
+One optimizer step, on every rank:
+    for each of grad_accum micro-batches: logits = engine(x); loss = CE(logits, y) [+ L2Wrap]; engine.backward(loss)
+    engine.step()   # at the accumulation boundary: reduce gradients, clip, AdamW (fp32 master weights), re-shard
+Strategies (parallelism wraps the model from outside; rwkv_dist.model knows nothing of it):
+    zero3  DeepSpeed ZeRO-3: parameters, gradients and optimizer state sharded over ranks (optional CPU offload)
+    ddp    DeepSpeed ZeRO-0: plain data parallel, every rank holds everything, gradients all-reduced
+Data. Micro-batch j of rank r reads the stream of virtual rank r * grad_accum + j out of world_size * grad_accum, so a
+step's global batch is the same for every factorization of world_size x grad_accum: 1 process with grad_accum 2 trains
+on exactly what 2 processes with grad_accum 1 do.
+Guards. A step whose gradients are not finite is not applied (DeepSpeed skips it on a non-finite global norm; the
+optimizer refuses non-finite gradients where DeepSpeed does not look) and is counted; `guard.max_bad_steps` of them in a
+row roll the model and optimizer back to the last checkpoint while the data stream moves on past the bad batches
+(PaLM's recipe). Loss spikes are logged.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+
+from ..config import RunConfig
+from ..data import Source, TokenLoader, load_manifest, validation_batches
+from ..data.shards import read_bytes, shard_url
+from ..data.tokenizer import MODEL_FILE
+from ..errors import CheckpointError, ConfigError, DataError, RWKVDistError
+from ..model import RWKV
+from . import distributed
+from .checkpoint import CheckpointStore, check_pickles, read_rank_rng, read_rank_states
+from .l2wrap import l2wrap
+from .observe import Reporter, detect_peak_flops, memory_bytes
+from .optim import lr_at, param_groups
+
+
+class TrainingError(RWKVDistError):
+    """The run cannot go on (e.g. non-finite steps persist after the allowed rollbacks)."""
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """torch AdamW (bit-exact resume, unlike DeepSpeed's fused/CPU Adam) that refuses to apply non-finite gradients
+    and records whether it stepped. Under ZeRO-3 and bf16 DeepSpeed has already skipped such a step globally; under
+    fp32 ZeRO-0 the gradients are all-reduced before this runs, so every rank takes the same decision."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stepped = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+            return None
+        self.stepped = True
+        return super().step(closure)
+
+
+def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:
+    s, p = cfg.schedule, cfg.parallel
+    zero: dict = {"stage": 3 if p.strategy == "zero3" else 0}
+    pin = device.type == "cuda"
+    if p.strategy == "zero3":
+        zero.update(stage3_param_persistence_threshold=p.persistence_threshold, contiguous_gradients=True,
+                    overlap_comm=device.type == "cuda")
+        if p.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+        if p.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_batch_size": s.global_batch_size,
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": s.grad_accum,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # torch AdamW on offloaded partitions: exact resume
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+
+
+def with_activation_checkpointing(model: RWKV) -> RWKV:
+    """Recompute each block's activations in the backward instead of storing them (one extra forward, ~1/3 more
+    FLOPs, activation memory per block down to its input)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        inner = block.forward
+
+        def forward(x, state=None, _inner=inner):
+            if state is None and torch.is_grad_enabled():
+                return checkpoint(_inner, x, None, use_reentrant=False)
+            return _inner(x, state)
+
+        block.forward = forward
+    return model
+
+
+@dataclass
+class TrainState:
+    """What the trainer itself must carry across a resume (besides the engine and the data streams)."""
+
+    step: int = 0  # optimizer steps taken (including skipped ones: their batches are consumed)
+    tokens: int = 0
+    skipped_steps: int = 0
+    rollbacks: int = 0
+    loss_spikes: int = 0
+    recent_losses: list[float] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, source: str = "config", resume: str | None = None):
+        self.cfg, self.source = cfg, source
+        cfg.check_world_size(int(os.environ.get("WORLD_SIZE", 1)), source)  # set by every launcher
+        self._check_inputs()  # before any process group, model or file exists
+        self.world = distributed.setup()
+        self.out = Path(cfg.out_dir)
+        self.store = CheckpointStore(self.out / "checkpoints")
+        self.resume_from = self.store.resolve(cfg.checkpoint.resume if resume is None else resume)
+        if self.resume_from is not None:
+            self._check_compatible(self.resume_from)
+
+        torch.manual_seed(cfg.seed)
+        model = RWKV(cfg.model)
+        if cfg.parallel.activation_checkpointing:
+            model = with_activation_checkpointing(model)
+        o = cfg.optimizer
+        self.optimizer = GuardedAdamW(param_groups(model, o), lr=o.lr_init, betas=o.betas, eps=o.eps)
+        import deepspeed
+
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                               config=deepspeed_config(cfg, self.world.device),
+                                               dist_init_required=False)
+        self.state = TrainState()
+        s, a = cfg.schedule, cfg.schedule.grad_accum
+        sources = [Source(x.location, x.weight, x.name) for x in cfg.data.sources]
+        self.loaders = [TokenLoader(sources, cfg.model.ctx_len, s.micro_batch_size, rank=self.world.rank * a + j,
+                                    world_size=self.world.size * a, num_workers=cfg.data.num_workers, seed=cfg.seed,
+                                    on_error=cfg.data.on_error, tokenizer_sha256=self.tokenizer_sha256)
+                        for j in range(a)]
+        if self.resume_from is not None:
+            self._restore(self.resume_from, data=True)
+        self.streams = [iter(loader) for loader in self.loaders]
+        self.tokens_per_step = s.global_batch_size * cfg.model.ctx_len
+        dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        if cfg.logging.peak_flops:
+            self.peak_flops, self.peak_source = cfg.logging.peak_flops, "config logging.peak_flops"
+        else:
+            self.peak_flops, self.peak_source = detect_peak_flops(self.world.device, dtype)
+        self.flops_per_token = 3 * cfg.model.flops_per_token_fwd()
+        self._val_batches = None
+
+    # -- checks before any work -------------------------------------------------------------------------------------
+    def _check_inputs(self) -> None:
+        cfg, where = self.cfg, self.source
+        manifests = []
+        for i, src in enumerate(cfg.data.sources):
+            try:
+                manifests.append(load_manifest(src.location))
+            except DataError as e:
+                raise ConfigError(f"{where}: data.sources.{i}.location: {e}") from None
+        vocab = manifests[0].tokenizer.vocab_size
+        if vocab > cfg.model.vocab_size:
+            raise ConfigError(f"{where}: model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
+                              f"({vocab} tokens, {cfg.data.sources[0].location})")
+        if cfg.data.val is not None:
+            try:
+                val = load_manifest(cfg.data.val)
+            except DataError as e:
+                raise ConfigError(f"{where}: data.val: {e}") from None
+            if not val.shards("val"):
+                raise ConfigError(f"{where}: data.val: {cfg.data.val} has no val split (make shards with --val-fraction)")
+            if val.tokenizer.sha256 != manifests[0].tokenizer.sha256:
+                raise ConfigError(f"{where}: data.val: {cfg.data.val} was made with another tokenizer than the training data")
+        self.tokenizer_sha256 = manifests[0].tokenizer.sha256
+        self.tokenizer_bytes = read_bytes(shard_url(cfg.data.sources[0].location, MODEL_FILE))
+        out = Path(cfg.out_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"{where}: out_dir: {out} exists and is not a folder")
+
+    def _check_compatible(self, folder: Path) -> None:
+        """A checkpoint resumes only into the same model, strategy, precision, seed and data."""
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        now = self.cfg.model_dump(mode="json")
+        for key in ("model", "precision", "seed", "parallel.strategy", "data.sources"):
+            a, b = saved, now
+            for part in key.split("."):
+                a, b = (a or {}).get(part), (b or {}).get(part)
+            if a != b:
+                raise CheckpointError(f"{folder}: saved with {key} = {a!r}, this run has {b!r}; "
+                                      f"start a new out_dir or set checkpoint.resume=none")
+
+    # -- checkpoints ------------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        step, rank = self.state.step, self.world.rank
+        tag, folder = self.store.begin(step, self.world.is_main)
+        dist.barrier()  # leftovers of an interrupted save are gone before anyone writes
+        self.engine.save_checkpoint(str(self.store.root), tag=tag, save_latest=False)
+        state = {"rank": rank, "world_size": self.world.size, **asdict(self.state),
+                 "data": [loader.state_dict() for loader in self.loaders]}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        self.store.write_rank_state(folder, rank, state, rng)
+        if self.cfg.faults.crash_in_save_at_step == step and self.world.is_main:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the files are written, the commit is not
+        dist.barrier()
+        if self.world.is_main:
+            final = self.store.commit(folder, step, self.world.size, yaml.safe_dump(self.cfg.model_dump(mode="json")),
+                                      self.tokenizer_bytes, self.cfg.checkpoint.keep_last)
+            self.reporter.print(f"checkpoint {final}")
+        dist.barrier()
+
+    def _restore(self, folder: Path, data: bool) -> None:
+        check_pickles(folder)
+        path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True)
+        if path is None:
+            raise CheckpointError(f"{folder}: DeepSpeed found no engine state in it")
+        states = read_rank_states(folder)
+        saved = {k: v for k, v in states[0].items() if k in TrainState.__dataclass_fields__}
+        rollbacks = self.state.rollbacks
+        self.state = TrainState(**saved)
+        if not data:  # a rollback: the counters of what went wrong since the checkpoint are kept
+            self.state.rollbacks = rollbacks
+            return
+        flat = [s for st in states for s in st["data"]]
+        for loader in self.loaders:
+            loader.load_state_dict(flat)
+        rng = read_rank_rng(folder, self.world.rank) if len(states) == self.world.size else None
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+    # -- one step ---------------------------------------------------------------------------------------------------
+    def _train_step(self) -> tuple[float, bool, float | None]:
+        """(mean loss over the global batch, whether the update was applied, the gradient norm)."""
+        step = self.state.step + 1
+        lr = lr_at(step - 1, self.cfg.optimizer, self.cfg.schedule.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        self.optimizer.stepped = False
+        self.lr = lr
+        total = 0.0
+        for j, stream in enumerate(self.streams):
+            batch = next(stream)
+            x, y = batch.inputs.to(self.world.device), batch.targets.to(self.world.device)
+            logits = self.engine(x)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            if j == 0 and self.world.is_main and step in self.cfg.faults.nan_loss_at_steps:
+                loss = loss * float("nan")
+            total += loss.item()
+            self.engine.backward(l2wrap(loss, logits) if self.cfg.l2wrap else loss)
+            self.engine.step()
+        mean_loss, applied = distributed.mean_over_ranks([total / len(self.streams), float(self.optimizer.stepped)])
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else None
+        return mean_loss, applied == 1.0, norm
+
+    def _rollback(self) -> None:
+        st = self.state
+        found = self.store.committed()
+        if not found:
+            raise TrainingError(f"{st.skipped_steps} non-finite steps, {self.cfg.guard.max_bad_steps} in a row at step "
+                                f"{st.step}, and no checkpoint to roll back to")
+        if st.rollbacks >= self.cfg.guard.max_rollbacks:
+            raise TrainingError(f"non-finite steps persist at step {st.step} after {st.rollbacks} rollbacks "
+                                f"(guard.max_rollbacks)")
+        st.rollbacks += 1
+        self.reporter.print(f"[red]{self.cfg.guard.max_bad_steps} non-finite steps in a row at step {st.step}: rolling "
+                            f"back to {found[-1].name} (rollback {st.rollbacks}); the data stream moves on")
+        skipped = st.skipped_steps
+        self._restore(found[-1], data=False)
+        self.state.skipped_steps = skipped
+
+    def validate(self) -> float | None:
+        """Mean token loss over the first logging.val_batches batches of the val split, the same set for any world
+        size; ranks share the batches and all run the same number of forwards (ZeRO-3 gathers collectively)."""
+        if self.cfg.data.val is None:
+            return None
+        if self._val_batches is None:
+            self._val_batches = list(validation_batches(self.cfg.data.val, self.cfg.model.ctx_len,
+                                                        self.cfg.schedule.micro_batch_size,
+                                                        max_batches=self.cfg.logging.val_batches))
+        batches, W = self._val_batches, self.world.size
+        if not batches:
+            return None
+        mine = batches[self.world.rank :: W]
+        sums = torch.zeros(2, dtype=torch.float64)
+        self.engine.eval()
+        with torch.no_grad():
+            for i in range(math.ceil(len(batches) / W)):
+                x, y = mine[i] if i < len(mine) else batches[0]
+                logits = self.engine(x.to(self.world.device))
+                if i < len(mine):
+                    sums[0] += F.cross_entropy(logits.float().flatten(0, 1), y.to(logits.device).flatten(),
+                                               reduction="sum").item()
+                    sums[1] += y.numel()
+        self.engine.train()
+        dist.all_reduce(sums)
+        return float(sums[0] / sums[1])
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg, st, log = self.cfg, self.state, self.cfg.logging
+        self.reporter = Reporter(self.out, self.world.is_main, cfg.schedule.steps, st.step)
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+            params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
+            where = f"resumed from {self.resume_from}" if self.resume_from else "from scratch"
+            self.reporter.print(f"{cfg.name}: RWKV-4 L{cfg.model.n_layer} D{cfg.model.n_embd} ({params:,} parameters), "
+                                f"{cfg.parallel.strategy} on {self.world.size} rank(s), {cfg.precision}, {where} at "
+                                f"step {st.step}; peak {self.peak_flops / 1e12:.3g} TFLOP/s/device ({self.peak_source})")
+        bad_streak, val_loss, started, start_step = 0, None, time.time(), st.step
+        recent = deque(st.recent_losses, maxlen=100)
+        last_losses: deque[float] = deque(maxlen=20)
+        while st.step < cfg.schedule.steps:
+            t0 = time.time()
+            loss, applied, norm = self._train_step()
+            st.step += 1
+            st.tokens += self.tokens_per_step
+            if applied:
+                bad_streak = 0
+                if len(recent) >= 20:
+                    mean = sum(recent) / len(recent)
+                    std = math.sqrt(sum((v - mean) ** 2 for v in recent) / len(recent))
+                    if loss > mean + cfg.guard.spike_sigmas * max(std, 1e-6):
+                        st.loss_spikes += 1
+                        self.reporter.print(f"[yellow]loss spike at step {st.step}: {loss:.4f} vs mean {mean:.4f} "
+                                            f"(std {std:.4f} over the last {len(recent)} steps)")
+                recent.append(loss)
+                last_losses.append(loss)
+                st.recent_losses = list(recent)
+            else:
+                st.skipped_steps += 1
+                bad_streak += 1
+                self.reporter.print(f"[red]step {st.step}: non-finite loss or gradients (loss {loss}); update skipped "
+                                    f"({st.skipped_steps} so far)")
+            dt = time.time() - t0
+            tokens_per_s = self.tokens_per_step / dt
+            record = {"step": st.step, "loss": loss, "lr": self.lr, "grad_norm": norm if applied else None,
+                      "applied": applied, "tokens": st.tokens, "tokens_per_s": tokens_per_s,
+                      "mfu": self.flops_per_token * tokens_per_s / (self.world.size * self.peak_flops),
+                      "memory_bytes": memory_bytes(self.world.device), "skipped_steps": st.skipped_steps,
+                      "rollbacks": st.rollbacks, "loss_spikes": st.loss_spikes}
+            self.reporter.step(record, write_scalars=st.step % log.every_steps == 0 or st.step == cfg.schedule.steps)
+            if bad_streak >= cfg.guard.max_bad_steps:
+                self._rollback()
+                bad_streak = 0
+                recent = deque(self.state.recent_losses, maxlen=100)
+                continue
+            if st.step % cfg.checkpoint.every_steps == 0 or st.step == cfg.schedule.steps:
+                self.save()
+            if (log.val_every_steps and st.step % log.val_every_steps == 0) or st.step == cfg.schedule.steps:
+                val_loss = self.validate()
+                if val_loss is not None:
+                    self.reporter.scalars(st.step, {"val/loss": val_loss})
+                    self.reporter.print(f"step {st.step}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})")
+        wall = time.time() - started
+        steps_run = st.step - start_step
+        tokens_per_s = steps_run * self.tokens_per_step / wall if wall > 0 else 0.0
+        summary = {
+            "run": cfg.name, "steps": st.step, "tokens": st.tokens, "wall time (s)": round(wall, 1),
+            "tokens/s": tokens_per_s,
+            "MFU": self.flops_per_token * tokens_per_s / (self.world.size * self.peak_flops),
+            "train loss (mean of last 20)": sum(last_losses) / len(last_losses) if last_losses else float("nan"),
+            "val loss": val_loss if val_loss is not None else "n/a",
+            "val perplexity": math.exp(val_loss) if val_loss is not None else "n/a",
+            "skipped steps": st.skipped_steps, "rollbacks": st.rollbacks, "loss spikes": st.loss_spikes,
+            "peak memory (GiB)": memory_bytes(self.world.device) / 2**30,
+            "checkpoint": str(self.store.committed()[-1]) if self.store.committed() else "none",
+            "tensorboard": str(self.out / "tensorboard"),
+        }
+        self.reporter.close(summary)
+        return summary
+
+
+def train(cfg: RunConfig, source: str = "config", resume: str | None = None) -> dict:
+    return Trainer(cfg, source, resume).run()
