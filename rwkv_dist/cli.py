@@ -26,19 +26,74 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
     import torch
 
-    from .export import export_file
+    from .export import export_file, export_state_dict
 
     dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    out = export_file(args.src, args.format, args.out, dtype=dtype)
+    if Path(args.src).is_dir():  # a training checkpoint (step folder or run folder)
+        from .train.weights import checkpoint_weights
+
+        sd, cfg, folder = checkpoint_weights(args.src)
+        out = export_state_dict(sd, args.format, args.out, dtype=dtype, source=str(folder), ctx_len=cfg.model.ctx_len)
+        print(f"consolidated {folder} ({cfg.parallel.strategy})")
+    else:
+        out = export_file(args.src, args.format, args.out, dtype=dtype)
     print(f"wrote {args.format} export to {out}")
+
+
+def _unit_interval(name: str, low_open: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (0 < value <= 1 if low_open else 0 <= value <= 1):
+            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1], got {text}")
+        return value
+    return parse
+
+
+def _positive(kind, name: str):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{name} must be positive, got {text}")
+        return value
+    return parse
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .errors import CheckpointError
+    from .inference import load_model, sample
+
+    model, tokenizer = load_model(args.checkpoint, args.tokenizer)
+    if tokenizer is None:
+        raise CheckpointError(f"{args.checkpoint}: a weights file carries no tokenizer; pass --tokenizer")
+    text = sample(model.for_decoding(), tokenizer, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed)
+    print(args.prompt + text)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .inference import check_eval_data, evaluate, load_model, perplexity
+
+    check_eval_data(args.data, None)
+    model, tokenizer = load_model(args.checkpoint, args.tokenizer)
+    check_eval_data(args.data, tokenizer)
+    ctx_len = args.ctx_len or model.cfg.ctx_len
+    loss, tokens = evaluate(model, args.data, ctx_len, args.batch_size, args.max_batches)
+    print(f"val loss {loss:.4f}  perplexity {perplexity(loss):.3f}  ({tokens:,} tokens, ctx {ctx_len})")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(out=args.out, steps=args.steps, seed=args.seed)
+    run_demo(out=args.out, overrides=[f"schedule.steps={args.steps}", f"seed={args.seed}"], workers=args.workers)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -114,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("export", help="write weights as a BlinkDL .pth or a transformers RwkvForCausalLM directory")
-    p.add_argument("src", help="a .pth / .safetensors state dict with BlinkDL RWKV-4 names")
+    p.add_argument("src", help="a .pth / .safetensors state dict with BlinkDL RWKV-4 names, or a training checkpoint "
+                               "(step folder, or run folder for its newest committed step)")
     p.add_argument("--format", required=True, choices=["blinkdl", "hf"])
     p.add_argument("--out", required=True, help="output file (blinkdl) or directory (hf)")
     p.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16", "fp16"])
@@ -152,10 +208,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (newest committed checkpoint), none, or a step folder; default: checkpoint.resume")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="embedded corpus -> tokenizer -> shards -> train a small RWKV -> sample")
+    ckpt_help = "training checkpoint (step or run folder) or a BlinkDL .pth / .safetensors"
+    p = sub.add_parser("generate", help="sample text from a model in recurrent mode")
+    p.add_argument("checkpoint", help=ckpt_help)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=_positive(int, "--max-tokens"), default=100)
+    p.add_argument("--temperature", type=_positive(float, "--temperature"), default=0.8)
+    p.add_argument("--top-p", type=_unit_interval("--top-p"), default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a model on a dataset's val split")
+    p.add_argument("checkpoint", help=ckpt_help)
+    p.add_argument("--data", required=True, help="dataset folder (shards + manifest) with a val split")
+    p.add_argument("--ctx-len", type=_positive(int, "--ctx-len"), default=None, help="default: the model's")
+    p.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=4)
+    p.add_argument("--max-batches", type=_positive(int, "--max-batches"), default=None)
+    p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="embedded corpus -> tokenizer -> shards -> ZeRO-3 on 2 processes -> sample")
     p.add_argument("--out", default="runs/demo", help="where the tokenizer, shards and outputs go")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="training processes")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -173,6 +173,12 @@ def _deepspeed_safe_globals() -> list:
     return allowed
 
 
+def load_checked(path: Path):
+    """torch.load with the weights-only unpickler and the DeepSpeed allowlist."""
+    with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def check_pickles(folder: Path) -> None:
     """Open every pickle under `folder` with the weights-only unpickler; raise naming the first that needs more."""
     files = sorted(p for p in folder.rglob("*.pt")) + sorted(folder.rglob("*.pth"))

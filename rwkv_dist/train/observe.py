@@ -69,11 +69,15 @@ class Reporter:
         if self.enabled:
             self.progress.console.print(message)
 
+    def record(self, record: dict) -> None:
+        if self.enabled:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
     def step(self, record: dict, write_scalars: bool) -> None:
         if not self.enabled:
             return
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
+        self.record(record)
         info = f"loss {record['loss']:.3f}  {record['tokens_per_s']:,.0f} tok/s"
         self.progress.update(self.task, completed=record["step"], info=info)
         if write_scalars:

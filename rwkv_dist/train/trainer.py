@@ -17,6 +17,7 @@ row roll the model and optimizer back to the last checkpoint while the data stre
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -160,6 +161,7 @@ class Trainer:
             self.peak_flops, self.peak_source = detect_peak_flops(self.world.device, dtype)
         self.flops_per_token = 3 * cfg.model.flops_per_token_fwd()
         self._val_batches = None
+        self._fired: set[int] = set()
 
     # -- checks before any work -------------------------------------------------------------------------------------
     def _check_inputs(self) -> None:
@@ -258,7 +260,8 @@ class Trainer:
             x, y = batch.inputs.to(self.world.device), batch.targets.to(self.world.device)
             logits = self.engine(x)
             loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            if j == 0 and self.world.is_main and step in self.cfg.faults.nan_loss_at_steps:
+            if j == 0 and self.world.is_main and step in self.cfg.faults.nan_loss_at_steps and step not in self._fired:
+                self._fired.add(step)  # a transient fault: it does not recur when a rollback replays the step
                 loss = loss * float("nan")
             total += loss.item()
             self.engine.backward(l2wrap(loss, logits) if self.cfg.l2wrap else loss)
@@ -311,6 +314,33 @@ class Trainer:
         dist.all_reduce(sums)
         return float(sums[0] / sums[1])
 
+    def model_state(self) -> dict:
+        """Elements and bytes of parameters, fp32 master copies and optimizer moments held by this rank."""
+        params = total = nbytes = 0
+        seen = set()
+        for p in self.engine.module.parameters():
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p
+            params, total = params + local.numel(), total + (p.ds_numel if hasattr(p, "ds_numel") else p.numel())
+            nbytes += local.numel() * local.element_size()
+            seen.add(id(local))
+        for group in self.optimizer.param_groups:
+            for q in group["params"]:
+                if id(q) not in seen:
+                    nbytes += q.numel() * q.element_size()
+                    seen.add(id(q))
+        for st in self.optimizer.state.values():
+            nbytes += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
+        return {"rank": self.world.rank, "world_size": self.world.size, "param_elements_held": params,
+                "param_elements_total": total, "model_state_bytes": nbytes}
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The training model's logits (a collective under ZeRO-3: call on every rank)."""
+        self.engine.eval()
+        out = self.engine(tokens.to(self.world.device)).float().cpu()
+        self.engine.train()
+        return out
+
     # -- the loop ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, st, log = self.cfg, self.state, self.cfg.logging
@@ -358,8 +388,8 @@ class Trainer:
             self.reporter.step(record, write_scalars=st.step % log.every_steps == 0 or st.step == cfg.schedule.steps)
             if bad_streak >= cfg.guard.max_bad_steps:
                 self._rollback()
-                bad_streak = 0
-                recent = deque(self.state.recent_losses, maxlen=100)
+                st, bad_streak = self.state, 0
+                recent = deque(st.recent_losses, maxlen=100)
                 continue
             if st.step % cfg.checkpoint.every_steps == 0 or st.step == cfg.schedule.steps:
                 self.save()
@@ -367,8 +397,13 @@ class Trainer:
                 val_loss = self.validate()
                 if val_loss is not None:
                     self.reporter.scalars(st.step, {"val/loss": val_loss})
+                    self.reporter.record({"step": st.step, "val_loss": val_loss})
                     self.reporter.print(f"step {st.step}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})")
         wall = time.time() - started
+        held = self.model_state()
+        ranks = self.out / "ranks"
+        ranks.mkdir(parents=True, exist_ok=True)
+        (ranks / f"rank_{self.world.rank:05d}.json").write_text(json.dumps(held) + "\n")
         steps_run = st.step - start_step
         tokens_per_s = steps_run * self.tokens_per_step / wall if wall > 0 else 0.0
         summary = {
@@ -380,6 +415,7 @@ class Trainer:
             "val perplexity": math.exp(val_loss) if val_loss is not None else "n/a",
             "skipped steps": st.skipped_steps, "rollbacks": st.rollbacks, "loss spikes": st.loss_spikes,
             "peak memory (GiB)": memory_bytes(self.world.device) / 2**30,
+            "model-state bytes on rank 0": held["model_state_bytes"],
             "checkpoint": str(self.store.committed()[-1]) if self.store.committed() else "none",
             "tensorboard": str(self.out / "tensorboard"),
         }

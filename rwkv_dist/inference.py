@@ -1,0 +1,81 @@
+"""Using a trained model: sampling in recurrent mode and validation loss in parallel mode.
+
+A model comes from a training checkpoint (a step folder or a run folder: the newest committed step, with the
+tokenizer saved beside it) or from a BlinkDL .pth / .safetensors plus --tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import Tokenizer, validation_batches
+from .data.shards import load_manifest
+from .errors import CheckpointError, DataError
+from .model import RWKV
+from .model.state_dict import load_rwkv, read_state_dict
+
+
+def load_model(path: str | Path, tokenizer: str | Path | None = None) -> tuple[RWKV, Tokenizer | None]:
+    """(fp32 model in eval mode, its tokenizer if known)."""
+    path = Path(path)
+    if path.is_file():
+        model = load_rwkv(read_state_dict(path), str(path))
+    else:
+        from .train.weights import checkpoint_weights
+
+        sd, cfg, folder = checkpoint_weights(path)
+        model = load_rwkv(sd, str(folder))
+        model.cfg = cfg.model  # same shapes; keeps the trained ctx_len
+        tokenizer = tokenizer or folder / "tokenizer.model"
+    tok = Tokenizer(tokenizer) if tokenizer is not None else None
+    if tok is not None and tok.vocab_size > model.cfg.vocab_size:
+        raise CheckpointError(f"{tokenizer}: {tok.vocab_size} tokens, more than the model's {model.cfg.vocab_size}")
+    return model.eval(), tok
+
+
+@torch.no_grad()
+def sample(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, temperature: float = 0.8, top_p: float = 0.9,
+           seed: int = 0) -> str:
+    """Continue `prompt` by `n` tokens: nucleus sampling, one recurrent step per token."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = tokenizer.encode([prompt])[0] or [tokenizer.eod_id]  # an empty prompt starts a new document
+    logits, state = None, None
+    for token in ids:
+        logits, state = model.step(torch.tensor([token]), state)
+    out = []
+    for _ in range(n):
+        probs = torch.softmax(logits[0].float() / temperature, dim=-1)
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < top_p  # nucleus: smallest set with mass >= top_p
+        token = int(order[keep][torch.multinomial(sorted_probs[keep], 1, generator=gen)])
+        out.append(token)
+        logits, state = model.step(torch.tensor([token]), state)
+    return tokenizer.decode(out)
+
+
+@torch.no_grad()
+def evaluate(model: RWKV, location: str, ctx_len: int, batch_size: int = 4, max_batches: int | None = None) -> tuple[float, int]:
+    """(mean token loss over the val split of the dataset at `location`, tokens scored)."""
+    total, count = 0.0, 0
+    for x, y in validation_batches(location, ctx_len, batch_size=batch_size, max_batches=max_batches):
+        total += F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        count += y.numel()
+    if count == 0:
+        raise DataError(f"{location}: the val split has fewer than {ctx_len + 1} tokens (nothing to score)")
+    return total / count, count
+
+
+def check_eval_data(location: str, tokenizer: Tokenizer | None) -> None:
+    manifest = load_manifest(location)
+    if not manifest.shards("val"):
+        raise DataError(f"{location}: no val split (make shards with --val-fraction)")
+    if tokenizer is not None and manifest.tokenizer.sha256 != tokenizer.sha256:
+        raise DataError(f"{location}: made with another tokenizer than the model's ({tokenizer.path})")
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss)

@@ -1,0 +1,67 @@
+"""Full fp32 weights out of a training checkpoint, for export, generation and evaluation.
+
+zero3: the fp32 master partitions of every rank are stitched back together (DeepSpeed's consolidation).
+ddp:   the replicated module; in bf16 runs the fp32 master copies kept by the optimizer replace its bf16 weights.
+Every pickle is checked weights-only first (checkpoint.check_pickles), so this never runs code from the files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import RunConfig, validate
+from ..errors import CheckpointError
+from .checkpoint import check_pickles, find_checkpoint, load_checked
+
+
+def checkpoint_config(folder: Path) -> RunConfig:
+    path = folder / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{path}: unreadable run config ({e})") from None
+    return validate(RunConfig, data, str(path))
+
+
+def checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, Path]:
+    """(fp32 state dict with BlinkDL names, the run config, the committed folder) of a step folder or run folder."""
+    folder = find_checkpoint(path)
+    cfg = checkpoint_config(folder)
+    check_pickles(folder)
+    if cfg.parallel.strategy == "zero3":
+        import contextlib
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        chatter = io.StringIO()  # DeepSpeed narrates each file and draws progress bars
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    else:
+        sd = _replicated_weights(folder, cfg)
+    return {k: v.float().contiguous() for k, v in sd.items()}, cfg, folder
+
+
+def _replicated_weights(folder: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    from ..model import RWKV
+    from .optim import param_groups
+
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"{folder}: no mp_rank_*_model_states.pt (not a ddp checkpoint?)")
+    state = load_checked(files[0])
+    sd = dict(state["module"])
+    masters = (state.get("optimizer") or {}).get("fp32_groups")
+    if masters:  # bf16: the optimizer's fp32 copies, group by group in param_groups() order
+        with torch.device("meta"):
+            model = RWKV(cfg.model, init=False)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = [[names[id(p)] for p in g["params"]] for g in param_groups(model, cfg.optimizer)]
+        if [len(g) for g in groups] != [len(g) for g in masters]:
+            raise CheckpointError(f"{files[0]}: optimizer groups do not match the model's")
+        for group, tensors in zip(groups, masters):
+            sd.update(zip(group, tensors))
+    return sd

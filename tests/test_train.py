@@ -1,0 +1,341 @@
+"""The trainer with real DeepSpeed on gloo: sharding, strategy equivalence, exact resume after SIGKILL, interrupted
+saves, guards, TensorBoard, export/generate/eval from training checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rwkv_dist.demo import DEMO_CONFIG, prepare_data
+from rwkv_dist.model import RWKVConfig
+from rwkv_dist.model.state_dict import load_rwkv
+from rwkv_dist.train.checkpoint import CheckpointStore
+from rwkv_dist.train.weights import checkpoint_weights
+
+from helpers import run_cli
+
+WORKER = Path(__file__).with_name("train_worker.py")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    _, location = prepare_data(tmp_path_factory.mktemp("corpus"))
+    return location
+
+
+def tiny(data: str, run_dir: Path, procs: int, *overrides: str) -> list[str]:
+    """A 2-layer D64 model, fp32, global batch 8 of 32 tokens: the same global batch for 1 or 2 processes."""
+    return [str(DEMO_CONFIG), f"out_dir={run_dir}", f"data.sources=[{{location: {data}}}]", f"data.val={data}",
+            "model.n_layer=2", "model.n_embd=64", "model.ctx_len=32", "schedule.steps=6", "schedule.micro_batch_size=4",
+            "schedule.global_batch_size=8", f"schedule.grad_accum={2 // procs}", "precision=fp32",
+            "optimizer.warmup_steps=2", "logging.val_batches=4", "logging.every_steps=2", "logging.val_every_steps=3",
+            "checkpoint.every_steps=2", "parallel.persistence_threshold=0", "logging.peak_flops=1e12", *overrides]
+
+
+def launch(args: list[str], procs: int, script: Path | None = None) -> list[str]:
+    entry = [str(script)] if script else ["-m", "rwkv_dist.cli", "train"]
+    if procs == 1:
+        return [sys.executable, *entry, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *entry, *args]
+
+
+def train(data: str, run_dir: Path, procs: int = 1, *overrides: str, script: Path | None = None,
+          expect: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run(launch(tiny(data, run_dir, procs, *overrides), procs, script), capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def records(run_dir: Path) -> list[dict]:
+    """The per-step records of metrics.jsonl (validation records left out)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; after a resume the replayed steps' last record wins."""
+    return {r["step"]: r["loss"] for r in records(run_dir)}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return checkpoint_weights(run_dir)[0]
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory) -> dict[str, Path]:
+    """The same 6-step fp32 run: 1 process (ZeRO-3, accumulation 2), 2 processes ZeRO-3, 2 processes ddp."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {"one": root / "one", "zero3": root / "zero3", "ddp": root / "ddp"}
+    train(data, out["one"], 1)
+    train(data, out["zero3"], 2, script=WORKER)
+    train(data, out["ddp"], 2, "parallel.strategy=ddp")
+    return out
+
+
+def test_zero3_shards_parameters_over_two_ranks(runs):
+    for name, share in (("zero3", 0.5), ("ddp", 1.0), ("one", 1.0)):
+        held = [json.loads(p.read_text()) for p in sorted((runs[name] / "ranks").glob("rank_*.json"))]
+        assert len(held) == (1 if name == "one" else 2)
+        for h in held:
+            assert h["param_elements_total"] == RWKVConfig(n_layer=2, n_embd=64, vocab_size=2048).num_params()
+            assert abs(h["param_elements_held"] / h["param_elements_total"] - share) < 0.02, (name, h)
+    one = json.loads((runs["one"] / "ranks" / "rank_00000.json").read_text())["model_state_bytes"]
+    two = [json.loads(p.read_text())["model_state_bytes"] for p in (runs["zero3"] / "ranks").glob("rank_*.json")]
+    assert max(two) <= 0.55 * one, (two, one)
+
+
+@pytest.mark.parametrize("strategy", ["zero3", "ddp"])
+def test_two_ranks_follow_the_one_process_loss_curve(runs, strategy):
+    ref, got = losses(runs["one"]), losses(runs[strategy])
+    assert sorted(ref) == sorted(got) == list(range(1, 7))
+    assert ref[6] < ref[1] - 0.5  # it trains
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-5), (step, got[step], ref[step])
+    w_ref, w_got = weights(runs["one"]), weights(runs[strategy])
+    for name in w_ref:
+        torch.testing.assert_close(w_got[name], w_ref[name], rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoints_commit_keep_last_and_point_latest(runs):
+    store = CheckpointStore(runs["zero3"] / "checkpoints")
+    names = [p.name for p in store.committed()]
+    assert names == ["step_00000004", "step_00000006"]  # keep_last 2 of the demo config
+    assert (store.root / "latest").read_text().strip() == "step_00000006"
+    assert not list(store.root.glob("*.partial"))
+    folder = store.committed()[-1]
+    assert {p.name for p in (folder / "trainer").iterdir()} == {
+        "rank_00000.json", "rank_00001.json", "rank_00000.rng.safetensors", "rank_00001.rng.safetensors"}
+    state = json.loads((folder / "trainer" / "rank_00001.json").read_text())
+    assert state["step"] == 6 and state["tokens"] == 6 * 8 * 32 and len(state["data"]) == 1
+
+
+def test_tensorboard_scalars_read_back(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["one"] / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/mfu", "perf/memory_gb",
+            "guard/skipped_steps", "val/loss"} <= tags
+    by_step = losses(runs["one"])
+    logged = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert sorted(logged) == [2, 4, 6]
+    for step, value in logged.items():
+        assert value == pytest.approx(by_step[step], rel=1e-6)
+    assert [e.step for e in acc.Scalars("val/loss")] == [3, 6]
+    assert all(0 < e.value < 1 for e in acc.Scalars("perf/mfu"))
+
+
+def test_export_of_a_zero3_checkpoint_gives_the_training_models_logits(runs, tmp_path):
+    saved = torch.load(runs["zero3"] / "engine_logits.pt", weights_only=True)
+    done = run_cli("export", runs["zero3"], "--format", "blinkdl", "--out", tmp_path / "model.pth")
+    assert done.returncode == 0, done.stderr
+    model = load_rwkv(torch.load(tmp_path / "model.pth", weights_only=True), "export")
+    with torch.no_grad():
+        logits = model(saved["tokens"])
+    torch.testing.assert_close(logits, saved["logits"], rtol=0, atol=1e-5)
+
+
+def test_generate_and_eval_a_trained_checkpoint(runs, data):
+    done = run_cli("generate", runs["zero3"], "--prompt", "def ", "--max-tokens", "12", "--seed", "3")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("def ") and len(done.stdout.strip()) > len("def ")
+    again = run_cli("generate", runs["zero3"], "--prompt", "def ", "--max-tokens", "12", "--seed", "3")
+    assert again.stdout == done.stdout  # seeded
+    done = run_cli("eval", runs["zero3"], "--data", data, "--batch-size", "4", "--max-batches", "4")
+    assert done.returncode == 0, done.stderr
+    loss = float(done.stdout.split("val loss ")[1].split()[0])
+    trained = [r for r in records(runs["zero3"])]
+    assert loss < math.log(2048)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(runs["zero3"] / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    final_val = acc.Scalars("val/loss")[-1].value  # the trainer's val pass: same batches, same ctx_len
+    assert loss == pytest.approx(final_val, abs=2e-4), (loss, final_val, trained[-1])
+
+
+def test_offload_variant_trains(data, tmp_path):
+    run = tmp_path / "offload"
+    train(data, run, 2, "precision=bf16", "parallel.offload_optimizer=true", "parallel.offload_params=true",
+          "schedule.steps=4", "optimizer.warmup_steps=0")
+    got = losses(run)
+    assert sorted(got) == [1, 2, 3, 4] and all(math.isfinite(v) for v in got.values())
+    assert got[4] < got[1]
+    assert CheckpointStore(run / "checkpoints").committed()[-1].name == "step_00000004"
+
+
+def test_sigkill_then_resume_auto_is_bitwise_identical(data, tmp_path):
+    steps = ["schedule.steps=12"]
+    straight = tmp_path / "straight"
+    train(data, straight, 2, *steps)
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen(launch(tiny(data, broken, 2, *steps), 2), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (broken / "metrics.jsonl").exists() and max(losses(broken), default=0) >= 5:
+            break
+        time.sleep(0.02)
+    import psutil
+
+    # torchrun starts its workers in sessions of their own: kill the launcher and every descendant, no clean exit
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
+    killed_at = max(losses(broken))
+    assert 5 <= killed_at < 12, killed_at
+    resumed_from = CheckpointStore(broken / "checkpoints").committed()[-1].name
+    train(data, broken, 2, *steps, "checkpoint.resume=auto")
+    steps_logged = [r["step"] for r in records(broken)]
+    assert steps_logged.count(int(resumed_from[-8:]) + 1) == 2, (str(steps_logged), resumed_from, killed_at)  # replayed
+    assert losses(broken) == losses(straight)  # bitwise: same floats
+    w_a, w_b = weights(straight), weights(broken)
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_a_save_killed_before_commit_leaves_the_previous_checkpoint(runs, data, tmp_path):
+    run = tmp_path / "crash"
+    train(data, run, 1, "faults.crash_in_save_at_step=4", expect=-signal.SIGKILL)
+    store = CheckpointStore(run / "checkpoints")
+    assert [p.name for p in store.committed()] == ["step_00000002"]
+    partial = run / "checkpoints" / "step_00000004.partial"
+    assert partial.is_dir() and any(partial.rglob("*.pt"))  # written, never committed
+    assert (store.root / "latest").read_text().strip() == "step_00000002"
+    train(data, run, 1)  # checkpoint.resume defaults to auto
+    assert not partial.exists()
+    assert losses(run) == losses(runs["one"])
+    w_a, w_b = weights(runs["one"]), weights(run)
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+
+
+def test_nan_steps_are_skipped_and_a_streak_rolls_back(data, tmp_path):
+    run = tmp_path / "nan"
+    done = train(data, run, 2, "schedule.steps=8", "faults.nan_loss_at_steps=[3,5,6]", "guard.max_bad_steps=2")
+    recs = records(run)
+    skipped = [r["step"] for r in recs if not r["applied"]]
+    assert skipped == [3, 5, 6]
+    assert "rolling back to step_00000004" in done.stdout
+    last = recs[-1]
+    assert last["step"] == 8 and last["skipped_steps"] == 3 and last["rollbacks"] == 1
+    assert [r["step"] for r in recs].count(5) == 2  # steps 5 and 6 ran again after the rollback, on new data
+    w = weights(run)
+    assert all(torch.isfinite(t).all() for t in w.values())
+
+
+def test_ddp_fp32_refuses_non_finite_gradients(data, tmp_path):
+    run = tmp_path / "ddp-nan"
+    train(data, run, 1, "parallel.strategy=ddp", "schedule.steps=3", "faults.nan_loss_at_steps=[2]")
+    assert [r["applied"] for r in records(run)] == [True, False, True]
+    assert all(torch.isfinite(t).all() for t in weights(run).values())
+
+
+def test_non_finite_streak_without_a_checkpoint_stops_with_a_clear_error(data, tmp_path):
+    run = tmp_path / "nan-early"
+    done = train(data, run, 1, "faults.nan_loss_at_steps=[1,2]", "guard.max_bad_steps=2", "checkpoint.every_steps=100",
+                 expect=2)
+    assert "error: 2 non-finite steps, 2 in a row at step 2, and no checkpoint to roll back to" in done.stderr
+
+
+def _one_line_error(done: subprocess.CompletedProcess, message: str) -> None:
+    assert done.returncode == 2, (done.stdout[-2000:], done.stderr[-2000:])
+    lines = [x for x in done.stderr.splitlines() if "error:" in x]
+    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+TRAIN_ERRORS = [
+    ([], {"WORLD_SIZE": "3"}, "x world size = 4 x 2 x 3 = 24, but global_batch_size is 8"),
+    (["schedule.steps=abc"], {}, "schedule.steps: Input should be a valid integer"),
+    (["data.sources=[{location: /nonexistent/data}]"], {}, "data.sources.0.location: "),
+    (["data.val=/nonexistent/val"], {}, "data.val: "),
+    (["model.vocab_size=100"], {}, "model.vocab_size (100) is smaller than the data's tokenizer (2048 tokens"),
+    (["checkpoint.resume=/nonexistent/step_00000002"], {}, "no such checkpoint folder"),
+    (["parallel.strategy=ddp", "parallel.offload_optimizer=true"], {}, "parallel.offload_optimizer needs strategy zero3"),
+]
+
+
+@pytest.mark.parametrize("overrides, env, message", TRAIN_ERRORS)
+def test_bad_train_input_is_one_clear_error_before_any_work(data, tmp_path, overrides, env, message):
+    run = tmp_path / "never"
+    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "train", *tiny(data, run, 1, *overrides)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    _one_line_error(done, message)
+    assert not run.exists()  # nothing written
+
+
+def test_train_errors_on_existing_runs_damage_nothing(runs, data, tmp_path):
+    before = _snapshot(runs["one"])
+    # resuming into another model shape
+    done = run_cli("train", *tiny(data, runs["one"], 1, "model.n_embd=32"))
+    _one_line_error(done, "saved with model = ")
+    # resuming from an uncommitted folder
+    partial = tmp_path / "step_00000002.partial"
+    partial.mkdir()
+    done = run_cli("train", *tiny(data, tmp_path / "x", 1), "--resume", partial)
+    _one_line_error(done, "not a committed checkpoint (no COMPLETE.json; an interrupted save?)")
+    # out_dir that is a file
+    (tmp_path / "file").write_text("x")
+    done = run_cli("train", *tiny(data, tmp_path / "file", 1))
+    _one_line_error(done, "out_dir: ")
+    assert _snapshot(runs["one"]) == before
+
+
+def test_a_checkpoint_with_a_code_carrying_pickle_is_refused(runs, tmp_path):
+    import shutil
+
+    run = tmp_path / "evil"
+    shutil.copytree(runs["one"], run)
+    folder = CheckpointStore(run / "checkpoints").committed()[-1]
+    target = next(folder.glob("*model_states.pt"))
+    flag = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {flag}",))
+
+    torch.save({"module": Evil()}, target)
+    for cmd in (["export", run, "--format", "blinkdl", "--out", tmp_path / "m.pth"], ["generate", run, "--prompt", "a"]):
+        done = run_cli(*cmd)
+        _one_line_error(done, f"{target}: refused to load, not weights-only (")
+        assert "posix.system" in done.stderr
+    assert not flag.exists() and not (tmp_path / "m.pth").exists()
+
+
+CLI_ERRORS = [
+    (["generate", "/nonexistent/run", "--prompt", "a"], "/nonexistent/run: no such checkpoint or run folder"),
+    (["generate", "RUN", "--prompt", "a", "--temperature", "0"], "--temperature must be positive, got 0"),
+    (["generate", "RUN", "--prompt", "a", "--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["generate", "RUN", "--prompt", "a", "--max-tokens", "-3"], "--max-tokens must be positive, got -3"),
+    (["generate", "PTH", "--prompt", "a"], "a weights file carries no tokenizer; pass --tokenizer"),
+    (["eval", "RUN", "--data", "/nonexistent/data"], "/nonexistent/data"),
+    (["eval", "RUN", "--data", "DATA", "--batch-size", "x"], "--batch-size must be a positive int, got 'x'"),
+    (["export", "EMPTY", "--format", "hf", "--out", "OUT"], "no committed checkpoint in it"),
+]
+
+
+@pytest.mark.parametrize("args, message", CLI_ERRORS)
+def test_bad_generate_eval_export_arguments(runs, data, tmp_path, args, message):
+    pth = tmp_path / "w.pth"
+    if "PTH" in args:
+        torch.save(weights(runs["one"]), pth)
+    (tmp_path / "empty").mkdir()
+    subst = {"RUN": runs["one"], "PTH": pth, "DATA": data, "EMPTY": tmp_path / "empty", "OUT": tmp_path / "out"}
+    done = run_cli(*[subst.get(a, a) for a in args])
+    _one_line_error(done, message)
+    assert not (tmp_path / "out").exists()
