@@ -219,6 +219,29 @@ def apply_overrides(data: dict, overrides: list[str], source: str) -> dict:
     return data
 
 
+def merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section (lists and values replace)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_run_yaml(path: str | Path) -> dict:
+    """A run config file; `base: OTHER.yaml` (relative to this file) supplies defaults, e.g. a model file's shape,
+    recipe and precision."""
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    base_path = Path(path).parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base: no such file {base_path}")
+    return merge(read_run_yaml(base_path), data)
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    data = apply_overrides(read_yaml(path), overrides or [], str(path))
+    data = apply_overrides(read_run_yaml(path), overrides or [], str(path))
     return validate(RunConfig, data, str(path))

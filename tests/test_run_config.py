@@ -101,3 +101,29 @@ def test_l2wrap_is_the_gradient_of_the_max_logit_penalty():
     ce_ref = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), target.flatten())
     (g_ref,) = torch.autograd.grad(0.5 * (ce_ref + penalty), ref_logits)
     torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-15)
+
+
+PAPER_RUNS = {"169m": 8, "430m": 8, "1.5b": 16, "3b": 32, "7b": 32, "14b": 64}
+
+
+@pytest.mark.parametrize("size, gpus", PAPER_RUNS.items())
+def test_paper_size_run_configs_take_the_model_files_recipe(repo, size, gpus):
+    from rwkv_dist.config import load_model_file
+
+    cfg = load_run_config(repo / "configs" / "train" / f"rwkv4-{size}.yaml")
+    model_file = load_model_file(repo / "configs" / "model" / f"rwkv4-{size}.yaml")
+    assert cfg.model == model_file.model and cfg.precision == "bf16" == model_file.precision
+    assert (cfg.optimizer.lr_init, cfg.optimizer.lr_final) == (model_file.optimizer.lr_init, model_file.optimizer.lr_final)
+    assert cfg.optimizer.betas == (0.9, 0.99) and cfg.parallel.strategy == "zero3"
+    cfg.check_world_size(gpus)
+    assert cfg.schedule.steps * cfg.schedule.global_batch_size * cfg.model.ctx_len >= 329e9  # the 330B-token budget
+
+
+def test_base_file_errors_name_the_file(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: base: no such file .*missing.yaml"):
+        load_run_config(run)
+    run.write_text("base: [1]\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: base: expected a file name, got \[1\]"):
+        load_run_config(run)

@@ -339,3 +339,10 @@ def test_bad_generate_eval_export_arguments(runs, data, tmp_path, args, message)
     done = run_cli(*[subst.get(a, a) for a in args])
     _one_line_error(done, message)
     assert not (tmp_path / "out").exists()
+
+
+def test_activation_checkpointing_recomputes_the_same_numbers(runs, data, tmp_path):
+    run = tmp_path / "ckpt"
+    train(data, run, 1, "parallel.activation_checkpointing=true", "schedule.steps=3")
+    ref = losses(runs["one"])
+    assert losses(run) == {s: ref[s] for s in (1, 2, 3)}

@@ -1,0 +1,191 @@
+"""CPU training throughput of RWKV-4 against a GPT of about the same parameter count, per context length, in one process.
+
+    .venv/bin/python bench/train_throughput.py [--n-layer 4 --n-embd 256 --vocab 2048] [--contexts 1024 4096]
+                                               [--tokens-per-step 4096] [--rounds 3] [--steps 1]
+
+One training step is forward + cross entropy on random tokens + backward + torch.optim.AdamW step, fp32, on all the
+machine's cores. Both models get the same tokens per step (batch = tokens-per-step / context: 4 at 1024, 1 at 4096).
+The GPT baseline is defined here: pre-LayerNorm, learned positional embedding, causal self-attention through
+F.scaled_dot_product_attention with n_embd/64 heads, 4x GELU MLP, untied head; with the same L and D its parameter
+count is RWKV's within a few percent (RWKV-4 blocks hold 13 D^2 matmul weights, GPT blocks 12 D^2; the positional
+table adds T*D, a lookup that costs no FLOPs). After one warm-up step each, RWKV and GPT rounds alternate, so that
+machine noise hits both alike; medians are reported. The analytic FLOPs per token show why the ratio grows with T:
+both pay ~6N for their matmul weights, but attention adds 12*L*T*D per token while RWKV's WKV adds O(L*D) whatever T.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from rwkv_dist.model import RWKV, RWKVConfig  # noqa: E402
+
+# WKV forward + backward (which recomputes the forward from checkpoints), elementwise ops per token, layer and channel,
+# counting exp, max and division as one each. Rough, and tiny next to the matmuls; it is here to show it is O(L*D).
+WKV_FLOPS_PER_ELEMENT = 80
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, D // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # [B, H, T, D/H]
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d: int, n_head: int, hidden: int):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, n_head)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """Pre-LayerNorm GPT: tokens [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, n_layer: int, n_embd: int, vocab_size: int, ctx_len: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.n_head = gpt_heads(n_embd)
+        self.hidden = round(mlp_ratio * n_embd)
+        self.tok_emb = nn.Embedding(vocab_size, n_embd)
+        self.pos_emb = nn.Embedding(ctx_len, n_embd)
+        self.blocks = nn.ModuleList(GPTBlock(n_embd, self.n_head, self.hidden) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        for name, p in self.named_parameters():  # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2L)
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("proj.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, std=std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.tok_emb(tokens) + self.pos_emb(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def gpt_heads(d: int) -> int:
+    """n_embd / 64 heads (at least one), lowered until it divides n_embd."""
+    heads = max(1, d // 64)
+    while d % heads:
+        heads -= 1
+    return heads
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gpt_matmul_params(L: int, D: int, V: int, hidden: int) -> int:
+    """The weights a token is multiplied by (embeddings are lookups): qkv, proj, MLP per block, and the head."""
+    return L * (4 * D * D + 2 * D * hidden) + V * D
+
+
+def train_rate(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor, vocab: int, steps: int) -> float:
+    """Tokens per second over `steps` training steps on data [B, T + 1] (inputs data[:, :-1], targets data[:, 1:])."""
+    inputs, targets = data[:, :-1], data[:, 1:].reshape(-1)
+    start = time.perf_counter()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs).view(-1, vocab), targets)
+        loss.backward()
+        opt.step()
+    return steps * inputs.numel() / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-layer", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
+    parser.add_argument("--tokens-per-step", type=int, default=4096, help="batch = max(1, this // context)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1, help="training steps per timed round")
+    parser.add_argument("--gpt-mlp-ratio", type=float, default=4.0, help="GPT MLP width / n_embd (4.5 matches RWKV's 13 D^2)")
+    args = parser.parse_args()
+    L, D, V = args.n_layer, args.n_embd, args.vocab
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(cores)
+
+    rwkv_cfg = RWKVConfig(n_layer=L, n_embd=D, vocab_size=V, ctx_len=max(args.contexts))
+    rwkv_params = rwkv_cfg.num_params()
+    rwkv_matmul = rwkv_cfg.flops_per_token_fwd() // 2
+    hidden = round(args.gpt_mlp_ratio * D)
+    gpt_matmul = gpt_matmul_params(L, D, V, hidden)
+
+    rows = []
+    gpt_params = {}
+    for ctx in args.contexts:
+        batch = max(1, args.tokens_per_step // ctx)
+        data = torch.randint(0, V, (batch, ctx + 1), generator=torch.Generator().manual_seed(ctx))
+        torch.manual_seed(0)
+        rwkv = RWKV(RWKVConfig(n_layer=L, n_embd=D, vocab_size=V, ctx_len=ctx)).train()
+        gpt = GPT(L, D, V, ctx, args.gpt_mlp_ratio).train()
+        assert count(rwkv) == rwkv_params, (count(rwkv), rwkv_params)
+        gpt_params[ctx] = count(gpt)
+        runs = {
+            "rwkv": (rwkv, torch.optim.AdamW(rwkv.parameters(), lr=1e-4)),
+            "gpt": (gpt, torch.optim.AdamW(gpt.parameters(), lr=1e-4)),
+        }
+        for model, opt in runs.values():  # warm-up: the WKV kernel's load, allocator, AdamW's state
+            train_rate(model, opt, data, V, 1)
+        rates = {name: [] for name in runs}
+        for _ in range(args.rounds):  # alternate, so that machine noise hits both alike; report medians
+            for name, (model, opt) in runs.items():
+                rates[name].append(train_rate(model, opt, data, V, args.steps))
+        rwkv_flops = 6 * rwkv_matmul + WKV_FLOPS_PER_ELEMENT * L * D
+        gpt_flops = 6 * gpt_matmul + 12 * L * ctx * D
+        rows.append((ctx, batch, statistics.median(rates["rwkv"]), statistics.median(rates["gpt"]), rwkv_flops, gpt_flops))
+        del runs, rwkv, gpt
+
+    print(
+        f"Training step (fwd + bwd + AdamW), fp32, CPU, L{L} D{D} V{V}, {args.tokens_per_step} tokens/step, "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} x {args.steps} step(s)"
+    )
+    print(f"params  RWKV {rwkv_params:,} (matmul {rwkv_matmul:,})")
+    gpt_counts = ", ".join(f"{gpt_params[c]:,} at ctx {c} ({gpt_params[c] / rwkv_params - 1:+.1%})" for c in args.contexts)
+    print(f"params  GPT  {gpt_counts}; matmul {gpt_matmul:,} ({gpt_matmul / rwkv_matmul - 1:+.1%}), {gpt_heads(D)} heads, MLP {hidden}")
+    print(
+        f"FLOPs/token: RWKV 6N + {WKV_FLOPS_PER_ELEMENT}*L*D (WKV, rough); GPT 6N + 12*L*T*D (attention); "
+        "N = matmul params"
+    )
+    print(
+        f"{'context':>8s}{'batch':>6s}{'RWKV tok/s':>12s}{'GPT tok/s':>11s}{'ratio':>8s}"
+        f"{'RWKV MFLOP/tok':>16s}{'GPT MFLOP/tok':>15s}{'FLOP ratio':>12s}"
+    )
+    for ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops in rows:
+        print(
+            f"{ctx:8d}{batch:6d}{rwkv_rate:12.0f}{gpt_rate:11.0f}{rwkv_rate / gpt_rate:7.2f}x"
+            f"{rwkv_flops / 1e6:16.1f}{gpt_flops / 1e6:15.1f}{gpt_flops / rwkv_flops:11.2f}x"
+        )
+    print("ratio = RWKV tok/s / GPT tok/s; FLOP ratio = GPT FLOPs / RWKV FLOPs per token (what the ratio would be at equal FLOP/s)")
+
+
+if __name__ == "__main__":
+    main()
