@@ -31,6 +31,8 @@ bench: setup
 	$(PY) bench/wkv_cpu.py
 	$(PY) bench/decode.py
 	$(PY) bench/data_loader.py
+	$(PY) bench/train_throughput.py
+	$(PY) bench/zero3_memory.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) build *.egg-info

@@ -1,16 +1,20 @@
-"""CPU training throughput of RWKV-4 against a GPT of about the same parameter count, per context length, in one process.
+"""CPU training throughput of RWKV-4 against a GPT of about the same size, per context length, in one process.
 
     .venv/bin/python bench/train_throughput.py [--n-layer 4 --n-embd 256 --vocab 2048] [--contexts 1024 4096]
-                                               [--tokens-per-step 4096] [--rounds 3] [--steps 1]
+                                               [--tokens-per-step 4096] [--rounds 5] [--steps 1]
 
 One training step is forward + cross entropy on random tokens + backward + torch.optim.AdamW step, fp32, on all the
-machine's cores. Both models get the same tokens per step (batch = tokens-per-step / context: 4 at 1024, 1 at 4096).
+machine's cores unless --threads says otherwise. Both models get the same tokens per step (batch = tokens-per-step /
+context: 4 at 1024, 1 at 4096).
 The GPT baseline is defined here: pre-LayerNorm, learned positional embedding, causal self-attention through
 F.scaled_dot_product_attention with n_embd/64 heads, 4x GELU MLP, untied head; with the same L and D its parameter
 count is RWKV's within a few percent (RWKV-4 blocks hold 13 D^2 matmul weights, GPT blocks 12 D^2; the positional
 table adds T*D, a lookup that costs no FLOPs). After one warm-up step each, RWKV and GPT rounds alternate, so that
 machine noise hits both alike; medians are reported. The analytic FLOPs per token show why the ratio grows with T:
 both pay ~6N for their matmul weights, but attention adds 12*L*T*D per token while RWKV's WKV adds O(L*D) whatever T.
+On a machine whose cores are shared with other work, every multi-threaded op waits for its slowest thread, which hurts
+the model with more small ops (RWKV's elementwise mixing) most; compare a run with --threads 1 before reading much
+into the ratio.
 """
 
 from __future__ import annotations
@@ -125,13 +129,14 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096])
     parser.add_argument("--tokens-per-step", type=int, default=4096, help="batch = max(1, this // context)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1, help="training steps per timed round")
-    parser.add_argument("--gpt-mlp-ratio", type=float, default=4.0, help="GPT MLP width / n_embd (4.5 matches RWKV's 13 D^2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads; default: this process's cores")
+    parser.add_argument("--gpt-mlp-ratio", type=float, default=4.0, help="GPT MLP width / D; 4.5 matches RWKV's 13 D^2")
     args = parser.parse_args()
     L, D, V = args.n_layer, args.n_embd, args.vocab
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(cores)
+    torch.set_num_threads(args.threads or cores)
 
     rwkv_cfg = RWKVConfig(n_layer=L, n_embd=D, vocab_size=V, ctx_len=max(args.contexts))
     rwkv_params = rwkv_cfg.num_params()
@@ -161,7 +166,8 @@ def main() -> None:
                 rates[name].append(train_rate(model, opt, data, V, args.steps))
         rwkv_flops = 6 * rwkv_matmul + WKV_FLOPS_PER_ELEMENT * L * D
         gpt_flops = 6 * gpt_matmul + 12 * L * ctx * D
-        rows.append((ctx, batch, statistics.median(rates["rwkv"]), statistics.median(rates["gpt"]), rwkv_flops, gpt_flops))
+        rwkv_rate, gpt_rate = statistics.median(rates["rwkv"]), statistics.median(rates["gpt"])
+        rows.append((ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops))
         del runs, rwkv, gpt
 
     print(
@@ -170,7 +176,8 @@ def main() -> None:
     )
     print(f"params  RWKV {rwkv_params:,} (matmul {rwkv_matmul:,})")
     gpt_counts = ", ".join(f"{gpt_params[c]:,} at ctx {c} ({gpt_params[c] / rwkv_params - 1:+.1%})" for c in args.contexts)
-    print(f"params  GPT  {gpt_counts}; matmul {gpt_matmul:,} ({gpt_matmul / rwkv_matmul - 1:+.1%}), {gpt_heads(D)} heads, MLP {hidden}")
+    gpt_shape = f"{gpt_heads(D)} heads, MLP {hidden}"
+    print(f"params  GPT  {gpt_counts}; matmul {gpt_matmul:,} ({gpt_matmul / rwkv_matmul - 1:+.1%}), {gpt_shape}")
     print(
         f"FLOPs/token: RWKV 6N + {WKV_FLOPS_PER_ELEMENT}*L*D (WKV, rough); GPT 6N + 12*L*T*D (attention); "
         "N = matmul params"
@@ -184,7 +191,7 @@ def main() -> None:
             f"{ctx:8d}{batch:6d}{rwkv_rate:12.0f}{gpt_rate:11.0f}{rwkv_rate / gpt_rate:7.2f}x"
             f"{rwkv_flops / 1e6:16.1f}{gpt_flops / 1e6:15.1f}{gpt_flops / rwkv_flops:11.2f}x"
         )
-    print("ratio = RWKV tok/s / GPT tok/s; FLOP ratio = GPT FLOPs / RWKV FLOPs per token (what the ratio would be at equal FLOP/s)")
+    print("ratio = RWKV tok/s / GPT tok/s; FLOP ratio = GPT / RWKV FLOPs per token (the ratio at equal FLOP/s)")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. schedule.steps=100")
     p.add_argument("--resume", default=None,
                    help="auto (newest committed checkpoint), none, or a step folder; default: checkpoint.resume")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     p.set_defaults(func=cmd_train)
 
     ckpt_help = "training checkpoint (step or run folder) or a BlinkDL .pth / .safetensors"

@@ -101,9 +101,13 @@ def test_two_ranks_follow_the_one_process_loss_curve(runs, strategy):
     assert ref[6] < ref[1] - 0.5  # it trains
     for step in ref:
         assert got[step] == pytest.approx(ref[step], rel=1e-5, abs=1e-5), (step, got[step], ref[step])
+    # Adam divides by sqrt(v): where a gradient is ~0, summation-order noise can flip an update of size ~lr (3e-3);
+    # such elements are rare (1 of 131k seen), so bound them by a fraction of one step and the rest tightly
     w_ref, w_got = weights(runs["one"]), weights(runs[strategy])
     for name in w_ref:
-        torch.testing.assert_close(w_got[name], w_ref[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w_got[name], w_ref[name], rtol=1e-4, atol=1e-3)
+        close = torch.isclose(w_got[name], w_ref[name], rtol=1e-4, atol=1e-5)
+        assert close.float().mean() > 0.999, (name, close.float().mean())
 
 
 def test_checkpoints_commit_keep_last_and_point_latest(runs):

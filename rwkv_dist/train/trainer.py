@@ -319,15 +319,18 @@ class Trainer:
         params = total = nbytes = 0
         seen = set()
         for p in self.engine.module.parameters():
-            local = p.ds_tensor if hasattr(p, "ds_tensor") else p
-            params, total = params + local.numel(), total + (p.ds_numel if hasattr(p, "ds_numel") else p.numel())
-            nbytes += local.numel() * local.element_size()
-            seen.add(id(local))
-        for group in self.optimizer.param_groups:
-            for q in group["params"]:
-                if id(q) not in seen:
-                    nbytes += q.numel() * q.element_size()
-                    seen.add(id(q))
+            full = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            held = full if getattr(p, "ds_persist", True) else p.ds_tensor.numel()  # persistent: whole on every rank
+            params, total, nbytes = params + held, total + full, nbytes + held * p.element_size()
+            seen.add(id(p))
+        wrapper = self.engine.optimizer
+        masters = getattr(wrapper, "fp32_partitioned_groups_flat", None)  # ZeRO-3
+        if masters is None:  # bf16 ZeRO-0 keeps lists of fp32 copies; fp32 ZeRO-0 steps the parameters themselves
+            groups = getattr(wrapper, "fp32_groups", [])
+            masters = [t for group in groups for t in (group if isinstance(group, (list, tuple)) else [group])]
+        for t in masters:
+            if id(t) not in seen:
+                nbytes += t.numel() * t.element_size()
         for st in self.optimizer.state.values():
             nbytes += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
         return {"rank": self.world.rank, "world_size": self.world.size, "param_elements_held": params,
