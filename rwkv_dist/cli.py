@@ -161,6 +161,8 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rwkv-dist", description="Distributed pretraining for RWKV-4 language models.")
+    # the deepspeed launcher puts --local_rank=N before the subcommand (LOCAL_RANK is in the environment as well)
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="parameter count, FLOPs/token and weight bytes of a model config (nothing allocated)")
@@ -206,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. schedule.steps=100")
     p.add_argument("--resume", default=None,
                    help="auto (newest committed checkpoint), none, or a step folder; default: checkpoint.resume")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     p.set_defaults(func=cmd_train)
 
     ckpt_help = "training checkpoint (step or run folder) or a BlinkDL .pth / .safetensors"

@@ -350,3 +350,21 @@ def test_activation_checkpointing_recomputes_the_same_numbers(runs, data, tmp_pa
     train(data, run, 1, "parallel.activation_checkpointing=true", "schedule.steps=3")
     ref = losses(runs["one"])
     assert losses(run) == {s: ref[s] for s in (1, 2, 3)}
+
+
+def test_the_deepspeed_launcher_runs_the_same_training(runs, data, tmp_path):
+    run = tmp_path / "ds"
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    done = subprocess.run([str(deepspeed), "--num_gpus", "2", "--master_port", str(_free_port()), "--module",
+                           "rwkv_dist.cli", "train", *tiny(data, run, 2)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ref = losses(runs["zero3"])  # same ranks and data; thread counts (hence float sums) may differ
+    assert losses(run) == pytest.approx(ref, rel=1e-6)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
