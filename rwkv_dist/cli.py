@@ -106,6 +106,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     finish()
 
 
+def cmd_launch(args: argparse.Namespace) -> None:
+    from .orchestrate import launch, plan_launch
+
+    plan, cfg = plan_launch(args.config, args.overrides, args.workers, args.cpus_per_worker, args.gpus_per_worker,
+                            args.address, args.max_failures)
+    print(plan.describe(cfg), flush=True)
+    if args.dry_run:
+        return
+    launch(plan, cfg)
+    print(f"run {cfg.name} finished: {plan.out_dir}")
+
+
 def _progress(description: str, total: int | None = None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -209,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None,
                    help="auto (newest committed checkpoint), none, or a step folder; default: checkpoint.resume")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("launch", help="train on N Ray Train workers, restarted after failures")
+    p.add_argument("config", help="run config YAML")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    p.add_argument("--workers", type=int, required=True, help="training ranks (Ray Train workers)")
+    p.add_argument("--cpus-per-worker", type=float, default=1)
+    p.add_argument("--gpus-per-worker", type=float, default=0)
+    p.add_argument("--address", default="local", help="local (a private Ray instance), auto (this node's cluster) or "
+                                                      "ray://HOST:PORT")
+    p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the run fails")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
+    p.set_defaults(func=cmd_launch)
 
     ckpt_help = "training checkpoint (step or run folder) or a BlinkDL .pth / .safetensors"
     p = sub.add_parser("generate", help="sample text from a model in recurrent mode")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -27,3 +30,51 @@ def run_cli(*args) -> subprocess.CompletedProcess:
     """`rwkv-dist ARGS...` in a fresh interpreter, output captured."""
     return subprocess.run([sys.executable, "-m", "rwkv_dist.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=300)
+
+
+# ---- training runs (real DeepSpeed on gloo, in subprocesses) ----------------------------------------------------------
+
+TRAIN_WORKER = Path(__file__).with_name("train_worker.py")
+
+
+def tiny(data: str, run_dir: Path, procs: int, *overrides: str) -> list[str]:
+    """A 2-layer D64 model, fp32, global batch 8 of 32 tokens: the same global batch for 1 or 2 processes."""
+    from rwkv_dist.demo import DEMO_CONFIG
+
+    return [str(DEMO_CONFIG), f"out_dir={run_dir}", f"data.sources=[{{location: {data}}}]", f"data.val={data}",
+            "model.n_layer=2", "model.n_embd=64", "model.ctx_len=32", "schedule.steps=6", "schedule.micro_batch_size=4",
+            "schedule.global_batch_size=8", f"schedule.grad_accum={2 // procs}", "precision=fp32",
+            "optimizer.warmup_steps=2", "logging.val_batches=4", "logging.every_steps=2", "logging.val_every_steps=3",
+            "checkpoint.every_steps=2", "parallel.persistence_threshold=0", "logging.peak_flops=1e12", *overrides]
+
+
+def launch(args: list[str], procs: int, script: Path | None = None) -> list[str]:
+    entry = [str(script)] if script else ["-m", "rwkv_dist.cli", "train"]
+    if procs == 1:
+        return [sys.executable, *entry, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *entry, *args]
+
+
+def train(data: str, run_dir: Path, procs: int = 1, *overrides: str, script: Path | None = None,
+          expect: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run(launch(tiny(data, run_dir, procs, *overrides), procs, script), capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def records(run_dir: Path) -> list[dict]:
+    """The per-step records of metrics.jsonl (validation records left out)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step; after a resume the replayed steps' last record wins."""
+    return {r["step"]: r["loss"] for r in records(run_dir)}
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from rwkv_dist.train.weights import checkpoint_weights
+
+    return checkpoint_weights(run_dir)[0]

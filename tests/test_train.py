@@ -15,72 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_dist.demo import DEMO_CONFIG, prepare_data
 from rwkv_dist.model import RWKVConfig
 from rwkv_dist.model.state_dict import load_rwkv
 from rwkv_dist.train.checkpoint import CheckpointStore
-from rwkv_dist.train.weights import checkpoint_weights
 
-from helpers import run_cli
-
-WORKER = Path(__file__).with_name("train_worker.py")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> str:
-    _, location = prepare_data(tmp_path_factory.mktemp("corpus"))
-    return location
-
-
-def tiny(data: str, run_dir: Path, procs: int, *overrides: str) -> list[str]:
-    """A 2-layer D64 model, fp32, global batch 8 of 32 tokens: the same global batch for 1 or 2 processes."""
-    return [str(DEMO_CONFIG), f"out_dir={run_dir}", f"data.sources=[{{location: {data}}}]", f"data.val={data}",
-            "model.n_layer=2", "model.n_embd=64", "model.ctx_len=32", "schedule.steps=6", "schedule.micro_batch_size=4",
-            "schedule.global_batch_size=8", f"schedule.grad_accum={2 // procs}", "precision=fp32",
-            "optimizer.warmup_steps=2", "logging.val_batches=4", "logging.every_steps=2", "logging.val_every_steps=3",
-            "checkpoint.every_steps=2", "parallel.persistence_threshold=0", "logging.peak_flops=1e12", *overrides]
-
-
-def launch(args: list[str], procs: int, script: Path | None = None) -> list[str]:
-    entry = [str(script)] if script else ["-m", "rwkv_dist.cli", "train"]
-    if procs == 1:
-        return [sys.executable, *entry, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *entry, *args]
-
-
-def train(data: str, run_dir: Path, procs: int = 1, *overrides: str, script: Path | None = None,
-          expect: int = 0) -> subprocess.CompletedProcess:
-    done = subprocess.run(launch(tiny(data, run_dir, procs, *overrides), procs, script), capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
-
-
-def records(run_dir: Path) -> list[dict]:
-    """The per-step records of metrics.jsonl (validation records left out)."""
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """Loss per step; after a resume the replayed steps' last record wins."""
-    return {r["step"]: r["loss"] for r in records(run_dir)}
-
-
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return checkpoint_weights(run_dir)[0]
-
-
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory) -> dict[str, Path]:
-    """The same 6-step fp32 run: 1 process (ZeRO-3, accumulation 2), 2 processes ZeRO-3, 2 processes ddp."""
-    root = tmp_path_factory.mktemp("runs")
-    out = {"one": root / "one", "zero3": root / "zero3", "ddp": root / "ddp"}
-    train(data, out["one"], 1)
-    train(data, out["zero3"], 2, script=WORKER)
-    train(data, out["ddp"], 2, "parallel.strategy=ddp")
-    return out
-
+from helpers import launch, losses, records, run_cli, tiny, train, weights
 
 def test_zero3_shards_parameters_over_two_ranks(runs):
     for name, share in (("zero3", 0.5), ("ddp", 1.0), ("one", 1.0)):

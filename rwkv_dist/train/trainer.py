@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import socket
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,7 @@ from ..data.tokenizer import MODEL_FILE
 from ..errors import CheckpointError, ConfigError, DataError, RWKVDistError
 from ..model import RWKV
 from . import distributed
-from .checkpoint import CheckpointStore, check_pickles, read_rank_rng, read_rank_states
+from .checkpoint import CheckpointStore, check_pickles, read_rank_rng, read_rank_states, step_name
 from .l2wrap import l2wrap
 from .observe import Reporter, detect_peak_flops, memory_bytes
 from .optim import lr_at, param_groups
@@ -121,10 +122,11 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, source: str = "config", resume: str | None = None):
-        self.cfg, self.source = cfg, source
+    def __init__(self, cfg: RunConfig, source: str = "config", resume: str | None = None, on_checkpoint=None):
+        """on_checkpoint(step, folder): called on every rank after each committed checkpoint."""
+        self.cfg, self.source, self.on_checkpoint = cfg, source, on_checkpoint
         cfg.check_world_size(int(os.environ.get("WORLD_SIZE", 1)), source)  # set by every launcher
-        self._check_inputs()  # before any process group, model or file exists
+        self.tokenizer_sha256, self.tokenizer_bytes = check_inputs(cfg, source)  # before any process group or file
         self.world = distributed.setup()
         self.out = Path(cfg.out_dir)
         self.store = CheckpointStore(self.out / "checkpoints")
@@ -163,34 +165,6 @@ class Trainer:
         self._val_batches = None
         self._fired: set[int] = set()
 
-    # -- checks before any work -------------------------------------------------------------------------------------
-    def _check_inputs(self) -> None:
-        cfg, where = self.cfg, self.source
-        manifests = []
-        for i, src in enumerate(cfg.data.sources):
-            try:
-                manifests.append(load_manifest(src.location))
-            except DataError as e:
-                raise ConfigError(f"{where}: data.sources.{i}.location: {e}") from None
-        vocab = manifests[0].tokenizer.vocab_size
-        if vocab > cfg.model.vocab_size:
-            raise ConfigError(f"{where}: model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
-                              f"({vocab} tokens, {cfg.data.sources[0].location})")
-        if cfg.data.val is not None:
-            try:
-                val = load_manifest(cfg.data.val)
-            except DataError as e:
-                raise ConfigError(f"{where}: data.val: {e}") from None
-            if not val.shards("val"):
-                raise ConfigError(f"{where}: data.val: {cfg.data.val} has no val split (make shards with --val-fraction)")
-            if val.tokenizer.sha256 != manifests[0].tokenizer.sha256:
-                raise ConfigError(f"{where}: data.val: {cfg.data.val} was made with another tokenizer than the training data")
-        self.tokenizer_sha256 = manifests[0].tokenizer.sha256
-        self.tokenizer_bytes = read_bytes(shard_url(cfg.data.sources[0].location, MODEL_FILE))
-        out = Path(cfg.out_dir)
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"{where}: out_dir: {out} exists and is not a folder")
-
     def _check_compatible(self, folder: Path) -> None:
         """A checkpoint resumes only into the same model, strategy, precision, seed and data."""
         saved = yaml.safe_load((folder / "config.yaml").read_text())
@@ -223,6 +197,8 @@ class Trainer:
                                       self.tokenizer_bytes, self.cfg.checkpoint.keep_last)
             self.reporter.print(f"checkpoint {final}")
         dist.barrier()
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(step, self.store.root / step_name(step))
 
     def _restore(self, folder: Path, data: bool) -> None:
         check_pickles(folder)
@@ -348,8 +324,11 @@ class Trainer:
     def run(self) -> dict:
         cfg, st, log = self.cfg, self.state, self.cfg.logging
         self.reporter = Reporter(self.out, self.world.is_main, cfg.schedule.steps, st.step)
+        workers = self.out / "workers"  # which process is which rank, for operators (and the fault tests)
+        workers.mkdir(parents=True, exist_ok=True)
+        (workers / f"rank_{self.world.rank:05d}.json").write_text(json.dumps(
+            {"rank": self.world.rank, "pid": os.getpid(), "host": socket.gethostname(), "start_step": st.step}) + "\n")
         if self.world.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
             params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
             where = f"resumed from {self.resume_from}" if self.resume_from else "from scratch"
@@ -424,6 +403,33 @@ class Trainer:
         }
         self.reporter.close(summary)
         return summary
+
+
+def check_inputs(cfg: RunConfig, where: str) -> tuple[str, bytes]:
+    """Data, vocabulary and out_dir checks that need no process group; returns the tokenizer's (sha256, bytes)."""
+    manifests = []
+    for i, src in enumerate(cfg.data.sources):
+        try:
+            manifests.append(load_manifest(src.location))
+        except DataError as e:
+            raise ConfigError(f"{where}: data.sources.{i}.location: {e}") from None
+    vocab = manifests[0].tokenizer.vocab_size
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"{where}: model.vocab_size ({cfg.model.vocab_size}) is smaller than the data's tokenizer "
+                          f"({vocab} tokens, {cfg.data.sources[0].location})")
+    if cfg.data.val is not None:
+        try:
+            val = load_manifest(cfg.data.val)
+        except DataError as e:
+            raise ConfigError(f"{where}: data.val: {e}") from None
+        if not val.shards("val"):
+            raise ConfigError(f"{where}: data.val: {cfg.data.val} has no val split (make shards with --val-fraction)")
+        if val.tokenizer.sha256 != manifests[0].tokenizer.sha256:
+            raise ConfigError(f"{where}: data.val: {cfg.data.val} was made with another tokenizer than the training data")
+    out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{where}: out_dir: {out} exists and is not a folder")
+    return manifests[0].tokenizer.sha256, read_bytes(shard_url(cfg.data.sources[0].location, MODEL_FILE))
 
 
 def train(cfg: RunConfig, source: str = "config", resume: str | None = None) -> dict:

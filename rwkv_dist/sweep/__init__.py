@@ -1,0 +1,1 @@
+"""Model-size x token-budget sweeps and the scaling-law fit of their results."""
