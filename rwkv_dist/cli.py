@@ -118,6 +118,31 @@ def cmd_launch(args: argparse.Namespace) -> None:
     print(f"run {cfg.name} finished: {plan.out_dir}")
 
 
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from .sweep.runner import run_sweep
+
+    table = run_sweep(args.sweep, address=args.address, dry_run=args.dry_run)
+    if not args.dry_run:
+        print(f"results: {table}")
+
+
+def cmd_sweep_fit(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .sweep.fit import fit_results
+
+    src = Path(args.results)
+    csv_path = src / "results.csv" if src.is_dir() else src
+    out = Path(args.out) if args.out else csv_path.parent / "fit"
+    fit = fit_results(csv_path, out, budgets=args.budgets)
+    print(f"L(N, D) = {fit['E']:.4g} + {fit['A']:.4g} / N^{fit['alpha']:.4f} + {fit['B']:.4g} / D^{fit['beta']:.4f}  "
+          f"({fit['n_points']} runs, rms log residual {fit['rms_log_residual']:.4f})")
+    for point in fit["compute_optimal"]:
+        print(f"  C = {point['flops']:.3g} FLOPs: N = {point['params']:.3g} params, D = {point['tokens']:.3g} tokens, "
+              f"predicted loss {point['loss']:.4f}")
+    print(f"wrote {out}/fit.json, " + ", ".join(str(out / name) for name in fit["plots"].values()))
+
+
 def _progress(description: str, total: int | None = None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -233,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=3, help="worker-group restarts before the run fails")
     p.add_argument("--dry-run", action="store_true", help="validate and print the plan; start nothing")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("sweep", help="run a grid of sizes x token budgets as Ray tasks; finished runs are skipped")
+    p.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/tiny-cpu.yaml")
+    p.add_argument("--address", default="local", help="local (a private Ray instance) or auto / ray://HOST:PORT")
+    p.add_argument("--dry-run", action="store_true", help="validate every run and print the commands; start nothing")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("sweep-fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep's results; plots")
+    p.add_argument("results", help="results.csv or the sweep's out_dir")
+    p.add_argument("--out", help="folder for fit.json and the PNGs (default: next to results.csv, fit/)")
+    p.add_argument("--budgets", type=float, nargs="+", help="FLOP budgets for the compute-optimal N, D")
+    p.set_defaults(func=cmd_sweep_fit)
 
     ckpt_help = "training checkpoint (step or run folder) or a BlinkDL .pth / .safetensors"
     p = sub.add_parser("generate", help="sample text from a model in recurrent mode")

@@ -1,7 +1,7 @@
-"""The demo: the embedded corpus through the real data path into DeepSpeed ZeRO-3 training on 2 CPU processes.
+"""The demo: the embedded corpus through the real data path into DeepSpeed ZeRO-3 training on 2 Ray workers (CPU).
 
     corpus (builtin:stdlib) -> sentencepiece tokenizer -> WebDataset shards + manifest
-      -> torchrun x 2: rwkv-dist train configs/demo.yaml (ZeRO-3, bf16, TensorBoard, checkpoints)
+      -> rwkv-dist launch --workers 2: Ray Train workers running the trainer (ZeRO-3, bf16, TensorBoard, checkpoints)
       -> validation loss and a sample generated in recurrent mode from the last checkpoint
 """
 
@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from .data import BUILTIN, CorpusStats, Tokenizer, expand_inputs, read_documents, train_tokenizer, write_shards
-from .errors import RWKVDistError
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -43,16 +39,12 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
     run_dir = out / "train"
     args = [str(config), f"out_dir={run_dir}", f"data.sources=[{{location: {location}}}]", f"data.val={location}",
             f"model.vocab_size={tokenizer.vocab_size}", *(overrides or [])]
-    from .config import load_run_config
+    from .orchestrate import launch, plan_launch
 
-    load_run_config(config, args[1:]).check_world_size(workers, str(config))  # fail here, not in every worker
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(workers),
-           "-m", "rwkv_dist.cli", "train", *args]
-    print(f"training with DeepSpeed ZeRO-3 on {workers} processes: {' '.join(cmd[1:])}", flush=True)
-    done = subprocess.run(cmd, env=env)
-    if done.returncode != 0:
-        raise RWKVDistError(f"demo: training exited with status {done.returncode}")
+    plan, cfg = plan_launch(str(config), args[1:], workers, address="local", max_failures=1)
+    print(f"training with DeepSpeed ZeRO-3 on {workers} Ray Train workers (a local Ray instance):\n{plan.describe(cfg)}",
+          flush=True)
+    launch(plan, cfg)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r.get("applied")]
     val = [r["val_loss"] for r in records if "val_loss" in r][-1]
