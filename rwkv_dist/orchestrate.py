@@ -79,6 +79,14 @@ def plan_launch(config: str, overrides: list[str], workers: int, cpus_per_worker
     return plan, cfg
 
 
+def quiet_ray_logs() -> None:
+    """Runs in every Ray process of a launch (worker_process_setup_hook). Ray Train's placement-group cleaner polls
+    the state API, which lives in the dashboard process; with the dashboard off it warns about it every second."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+
+
 def _worker(loop_config: dict) -> None:
     """One Ray Train worker: the ordinary trainer on the process group Ray formed."""
     import ray.train
@@ -136,12 +144,13 @@ def launch(plan: LaunchPlan, cfg: RunConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started_here = plan.address == "local"
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    runtime_env = {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
+                   "worker_process_setup_hook": "rwkv_dist.orchestrate.quiet_ray_logs"}
     if started_here:
         ray.init(num_cpus=max(int(plan.workers * plan.cpus_per_worker + 0.999), 1) + 1, include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=True)
+                 runtime_env=runtime_env, log_to_driver=True)
     else:
-        ray.init(address=plan.address, runtime_env={"env_vars": env})
+        ray.init(address=plan.address, runtime_env=runtime_env)
     try:
         trainer = TorchTrainer(
             _worker,
