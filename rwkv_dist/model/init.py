@@ -13,6 +13,7 @@ With one layer the official code divides by zero in ratio_0_to_1; we take it as 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -57,27 +58,46 @@ def orthogonal_gain(rows: int, cols: int) -> float:
     return math.sqrt(rows / cols) if rows > cols else 1.0
 
 
+@contextmanager
+def _in_place(param: nn.Parameter):
+    yield True
+
+
 @torch.no_grad()
-def init_weights(model: nn.Module) -> None:
-    """Apply the rules above in place to an RWKV model (rwkv_dist.model.RWKV)."""
+def init_weights(model: nn.Module, edit=_in_place) -> None:
+    """Apply the rules above in place to an RWKV model (rwkv_dist.model.RWKV).
+
+    edit(param) is a context manager yielding whether this process writes `param`: the default writes in place; a
+    sharded model (ZeRO-3 construction) gathers the parameter and lets one rank write it. Parameters are visited in
+    one fixed order, so the writing process draws the same random numbers either way."""
     cfg = model.cfg
-    model.emb.weight.uniform_(-EMBEDDING_SCALE, EMBEDDING_SCALE)
-    V, D = model.head.weight.shape
-    nn.init.orthogonal_(model.head.weight, gain=HEAD_GAIN_SCALE * orthogonal_gain(V, D))
+    D = cfg.n_embd
+
+    def put(param: nn.Parameter, fill) -> None:
+        with edit(param) as write:
+            if write and param.dtype == torch.float32:
+                fill(param)
+            elif write:  # a low-precision parameter gets the fp32 values rounded (QR has no bf16 kernel)
+                full = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+                fill(full)
+                param.copy_(full)
+
+    put(model.emb.weight, lambda w: w.uniform_(-EMBEDDING_SCALE, EMBEDDING_SCALE))
+    put(model.head.weight, lambda w: nn.init.orthogonal_(w, gain=HEAD_GAIN_SCALE * orthogonal_gain(*w.shape)))
     for module in model.modules():
         if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            put(module.weight, nn.init.ones_)
+            put(module.bias, nn.init.zeros_)
     for block in model.blocks:
         l = block.layer_id
-        block.att.time_decay.copy_(time_decay_init(l, cfg.n_layer, D))
-        block.att.time_first.copy_(time_first_init(D))
+        put(block.att.time_decay, lambda t: t.copy_(time_decay_init(l, cfg.n_layer, D)))
+        put(block.att.time_first, lambda t: t.copy_(time_first_init(D)))
         for name, value in time_mix_init(l, cfg.n_layer, D).items():
-            block.get_parameter(name).copy_(value.view(1, 1, D))
+            put(block.get_parameter(name), lambda t: t.copy_(value.view(1, 1, D)))
         for name, linear in block.named_modules():
             if not isinstance(linear, nn.Linear):
                 continue
             if name in ZERO_INIT:
-                nn.init.zeros_(linear.weight)
+                put(linear.weight, nn.init.zeros_)
             else:
-                nn.init.orthogonal_(linear.weight, gain=orthogonal_gain(*linear.weight.shape))
+                put(linear.weight, lambda w: nn.init.orthogonal_(w, gain=orthogonal_gain(*w.shape)))

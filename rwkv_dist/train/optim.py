@@ -27,7 +27,8 @@ def param_groups(model: nn.Module, opt: TrainOptimizerConfig) -> list[dict]:
             mult = opt.time_first_lr_mult
         else:
             mult = 1.0
-        decays = opt.weight_decay > 0 and p.dim() == 2 and not name.startswith("emb.")
+        dims = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 shard is flat; ds_shape is the parameter's shape
+        decays = opt.weight_decay > 0 and dims == 2 and not name.startswith("emb.")
         buckets.setdefault((mult, opt.weight_decay if decays else 0.0), []).append(p)
     return [{"params": ps, "lr_mult": mult, "weight_decay": wd, "lr": opt.lr_init * mult}
             for (mult, wd), ps in sorted(buckets.items())]

@@ -17,6 +17,7 @@ row roll the model and optimizer back to the last checkpoint while the data stre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,6 +39,7 @@ from ..data.shards import read_bytes, shard_url
 from ..data.tokenizer import MODEL_FILE
 from ..errors import CheckpointError, ConfigError, DataError, RWKVDistError
 from ..model import RWKV
+from ..model.init import init_weights
 from . import distributed
 from .checkpoint import CheckpointStore, check_pickles, read_rank_rng, read_rank_states, step_name
 from .l2wrap import l2wrap
@@ -92,6 +94,27 @@ def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:
     }
 
 
+def build_model(cfg: RunConfig, ds_config: dict, world: distributed.World) -> RWKV:
+    """The initialized model. Under zero3 it is built already sharded (deepspeed.zero.Init: no rank ever holds the
+    whole model, which a 14B run could not afford on every rank) and initialized one gathered parameter at a time by
+    rank 0, which draws the same random numbers as an unsharded build: every strategy starts from the same weights."""
+    torch.manual_seed(cfg.seed)
+    if cfg.parallel.strategy != "zero3":
+        return RWKV(cfg.model)
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if cfg.parallel.offload_params else None):
+        model = RWKV(cfg.model, init=False)
+
+    @contextlib.contextmanager
+    def gathered(param):
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            yield world.is_main
+
+    init_weights(model, edit=gathered)
+    return model
+
+
 def with_activation_checkpointing(model: RWKV) -> RWKV:
     """Recompute each block's activations in the backward instead of storing them (one extra forward, ~1/3 more
     FLOPs, activation memory per block down to its input)."""
@@ -134,16 +157,15 @@ class Trainer:
         if self.resume_from is not None:
             self._check_compatible(self.resume_from)
 
-        torch.manual_seed(cfg.seed)
-        model = RWKV(cfg.model)
+        import deepspeed
+
+        ds_config = deepspeed_config(cfg, self.world.device)
+        model = build_model(cfg, ds_config, self.world)
         if cfg.parallel.activation_checkpointing:
             model = with_activation_checkpointing(model)
         o = cfg.optimizer
         self.optimizer = GuardedAdamW(param_groups(model, o), lr=o.lr_init, betas=o.betas, eps=o.eps)
-        import deepspeed
-
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer,
-                                               config=deepspeed_config(cfg, self.world.device),
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config,
                                                dist_init_required=False)
         self.state = TrainState()
         s, a = cfg.schedule, cfg.schedule.grad_accum
