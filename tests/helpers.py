@@ -78,3 +78,15 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from rwkv_dist.train.weights import checkpoint_weights
 
     return checkpoint_weights(run_dir)[0]
+
+
+def assert_same_training(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    """Weights of two runs of the same training that differ only in summation order (another reduction layout or
+    launcher). Adam divides by sqrt(v): where a gradient is ~0, that rounding noise can flip an update of size ~lr
+    (3e-3); such elements are rare (1 in 131k seen), so they are bounded by a fraction of one step and the rest
+    must agree tightly."""
+    assert got.keys() == ref.keys()
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-3)
+        close = torch.isclose(got[name], ref[name], rtol=1e-4, atol=1e-5)
+        assert close.float().mean() > 0.999, (name, close.float().mean())

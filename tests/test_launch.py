@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import losses, records, run_cli, tiny, weights
+from helpers import assert_same_training, losses, records, run_cli, tiny, weights
 
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DEDUP_LOGS": "0"}
 
@@ -52,9 +52,7 @@ def test_launch_on_two_ray_workers_follows_the_torchrun_curve(ray_run, runs):
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
     held = [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank_*.json"))]
     assert [h["world_size"] for h in held] == [2, 2]
-    w_ray, w_torchrun = weights(run), weights(runs["zero3"])
-    for name in w_ray:
-        torch.testing.assert_close(w_ray[name], w_torchrun[name], rtol=1e-5, atol=1e-6)
+    assert_same_training(weights(run), weights(runs["zero3"]))
 
 
 def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(ray_run, data, tmp_path):
