@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 
 def setup() -> World:
-    """Join (or, alone, create) the default process group; idempotent."""
+    """Join (or, alone, create) the default process group, or adopt the launcher's; idempotent."""
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -45,8 +45,9 @@ def setup() -> World:
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     import deepspeed
 
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    # also when a launcher (Ray Train) already formed the group: DeepSpeed's own comm layer must wrap it, or its config
+    # checks (ZeRO-3 construction) see a world of one
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
