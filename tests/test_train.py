@@ -301,3 +301,18 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_ddp_bf16_export_takes_the_fp32_master_weights(data, tmp_path):
+    from rwkv_dist.train.checkpoint import load_checked
+
+    run = tmp_path / "ddp-bf16"
+    train(data, run, 1, "parallel.strategy=ddp", "precision=bf16", "schedule.steps=2")
+    masters = weights(run)
+    folder = CheckpointStore(run / "checkpoints").committed()[-1]
+    module = load_checked(next(folder.glob("mp_rank_*_model_states.pt")))["module"]
+    assert module["blocks.0.att.key.weight"].dtype == torch.bfloat16
+    for name, w in module.items():
+        assert masters[name].dtype == torch.float32
+        assert torch.equal(masters[name].to(torch.bfloat16), w), name  # the bf16 weights are the masters rounded
+    assert any(not torch.equal(masters[n], module[n].float()) for n in module)  # and the masters carry more bits
