@@ -48,7 +48,8 @@ def ray_run(data, tmp_path_factory) -> tuple[Path, str]:
 def test_launch_on_two_ray_workers_follows_the_torchrun_curve(ray_run, runs):
     run, out = ray_run
     assert "run demo finished" in out
-    assert losses(run) == pytest.approx(losses(runs["zero3"]), rel=1e-6, abs=1e-6)
+    # same ranks and data; the launchers' process groups need not sum in the same order (seen: 5e-6 at one step)
+    assert losses(run) == pytest.approx(losses(runs["zero3"]), rel=1e-5, abs=1e-5)
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
     held = [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank_*.json"))]
     assert [h["world_size"] for h in held] == [2, 2]
