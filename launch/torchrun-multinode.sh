@@ -37,20 +37,9 @@ VENV="${VENV:-$REPO/.venv}"
 RESUME="${RESUME:-auto}"
 DRY_RUN="${DRY_RUN:-0}"
 
-# print a command so that it can be pasted into a shell (plain words as they are, the rest single-quoted)
-show() {
-    local out="" arg sq="'" esc="'\\''"
-    for arg in "$@"; do
-        if [[ "$arg" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-            out+="$arg "
-        else
-            out+="'${arg//"$sq"/"$esc"}' "
-        fi
-    done
-    printf '%s\n' "${out% }"
-}
-
-die() { echo "torchrun-multinode.sh: $*" >&2; exit 2; }
+export LAUNCH_SCRIPT=torchrun-multinode.sh
+# shellcheck disable=SC1091  # checked on its own
+source "$REPO/launch/common.bash"
 
 for var in NNODES NODE_RANK MASTER_PORT NPROC_PER_NODE MAX_RESTARTS; do
     [[ "${!var}" =~ ^[0-9]+$ ]] || die "$var must be a non-negative integer, got '${!var}'"

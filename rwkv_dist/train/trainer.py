@@ -63,7 +63,7 @@ class GuardedAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not all(bool(torch.isfinite(g).all()) for g in grads):
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one device sync
             return None
         self.stepped = True
         return super().step(closure)
@@ -252,7 +252,7 @@ class Trainer:
             group["lr"] = lr * group["lr_mult"]
         self.optimizer.stepped = False
         self.lr = lr
-        total = 0.0
+        losses = []
         for j, stream in enumerate(self.streams):
             batch = next(stream)
             x, y = batch.inputs.to(self.world.device), batch.targets.to(self.world.device)
@@ -261,10 +261,11 @@ class Trainer:
             if j == 0 and self.world.is_main and step in self.cfg.faults.nan_loss_at_steps and step not in self._fired:
                 self._fired.add(step)  # a transient fault: it does not recur when a rollback replays the step
                 loss = loss * float("nan")
-            total += loss.item()
+            losses.append(loss.detach())
             self.engine.backward(l2wrap(loss, logits) if self.cfg.l2wrap else loss)
             self.engine.step()
-        mean_loss, applied = distributed.mean_over_ranks([total / len(self.streams), float(self.optimizer.stepped)])
+        local = torch.stack(losses).double().mean().item()  # one device sync per step, not one per micro-batch
+        mean_loss, applied = distributed.mean_over_ranks([local, float(self.optimizer.stepped)])
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
         return mean_loss, applied == 1.0, norm
