@@ -30,18 +30,25 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     import torch
 
+    from .data import Tokenizer
     from .export import export_file, export_state_dict
 
     dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if Path(args.src).is_dir():  # a training checkpoint (step folder or run folder)
+    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer and args.format == "hf" else None
+    if Path(args.src).is_dir():  # a training checkpoint (step folder or run folder); its tokenizer is saved with it
         from .train.weights import checkpoint_weights
 
         sd, cfg, folder = checkpoint_weights(args.src)
-        out = export_state_dict(sd, args.format, args.out, dtype=dtype, source=str(folder), ctx_len=cfg.model.ctx_len)
+        if args.format == "hf" and tokenizer is None and (folder / "tokenizer.model").is_file():
+            tokenizer = Tokenizer(folder / "tokenizer.model")
+        out = export_state_dict(sd, args.format, args.out, dtype=dtype, source=str(folder), ctx_len=cfg.model.ctx_len,
+                                tokenizer=tokenizer)
         print(f"consolidated {folder} ({cfg.parallel.strategy})")
     else:
-        out = export_file(args.src, args.format, args.out, dtype=dtype)
-    print(f"wrote {args.format} export to {out}")
+        out = export_file(args.src, args.format, args.out, dtype=dtype, tokenizer=tokenizer)
+    note = f" with its tokenizer ({tokenizer.path})" if tokenizer else " without a tokenizer (pass --tokenizer)" \
+        if args.format == "hf" else ""
+    print(f"wrote {args.format} export to {out}{note}")
 
 
 def _unit_interval(name: str, low_open: bool = True):
@@ -213,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", required=True, choices=["blinkdl", "hf"])
     p.add_argument("--out", required=True, help="output file (blinkdl) or directory (hf)")
     p.add_argument("--dtype", default="keep", choices=["keep", "fp32", "bf16", "fp16"])
+    p.add_argument("--tokenizer", help="hf: tokenizer.model to write as tokenizer.json (default: a training "
+                                       "checkpoint's own; a weights file has none)")
     p.set_defaults(func=cmd_export)
 
     data = sub.add_parser("data", help="tokenizer, shards, verify").add_subparsers(dest="data_command", required=True)
