@@ -71,7 +71,9 @@ def hf_tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
         sentencepiece never matches in text, get a score no path takes). Exact for bpe (the default; tested token for
         token on the demo corpus); for unigram, equal-scoring segmentations (runs of spaces, mostly: ~0.2% of the demo
         corpus's lines) may be split differently, as the two Viterbi implementations break ties differently;
-      byte fallback -> BPE byte_fallback with the <0xXX> pieces at their ids, ByteFallback + Fuse in the decoder;
+      byte fallback -> BPE byte_fallback with the <0xXX> pieces at their ids, ByteFallback + Fuse in the decoder
+        (decoding ids that no text encodes to can still differ: a run of non-ASCII byte pieces that starts valid and
+        turns invalid is all U+FFFD in transformers, only its invalid bytes in sentencepiece);
       user-defined "\n", "\r", "\t" -> added tokens matched on the raw text, never merged;
       reserved ids 0 <|endoftext|>, 1 <pad>, 2 <unk> -> special tokens at those ids; like sentencepiece's control
         pieces they are not recognized inside text (split_special_tokens), and decode to nothing by default.
@@ -103,7 +105,11 @@ def hf_tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
                            unk_token=sp.id_to_piece(UNK_ID), byte_fallback=True, fuse_unk=False)
     hf = HFTokenizer(model)
     hf.normalizer = normalizers.Replace(" ", "\u2581")
-    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    # sentencepiece decodes an ASCII byte piece to its character even next to invalid UTF-8 bytes; ByteFallback turns
+    # a whole run of byte pieces that is not valid UTF-8 into U+FFFD each, so ASCII byte pieces are spelled out first
+    ascii_bytes = [decoders.Replace(f"<0x{b:02X}>", chr(b)) for b in range(128)]
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), *ascii_bytes, decoders.ByteFallback(),
+                                    decoders.Fuse()])
     special = [sp.id_to_piece(i) for i in (EOD_ID, PAD_ID, UNK_ID)]
     hf.add_special_tokens([AddedToken(piece, special=True, normalized=False) for piece in special])
     hf.add_tokens([AddedToken(symbol, special=False, normalized=False) for symbol in CONTROL_SYMBOLS])

@@ -90,3 +90,20 @@ def test_hf_export_refuses_a_tokenizer_larger_than_the_model(tokenizer, tmp_path
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "2048 tokens, more than the model's 300" in done.stderr
     assert not (tmp_path / "hf").exists()
+
+
+def test_hf_export_tokenizer_decodes_generated_ids_as_ours(tokenizer, hf_tokenizer_dir):
+    """Ids no text encodes to (as a model may generate them): ASCII byte pieces among ordinary pieces."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(hf_tokenizer_dir)
+    sp, rng = tokenizer.sp, random.Random(0)
+    ascii_bytes = [sp.piece_to_id(f"<0x{b:02X}>") for b in range(128)]
+    plain = [i for i in range(6, tokenizer.vocab_size) if not sp.is_byte(i)]
+    for _ in range(300):
+        ids = [rng.choice(ascii_bytes if rng.random() < 0.4 else plain) for _ in range(rng.randint(1, 24))]
+        assert hf.decode(ids) == tokenizer.decode(ids), ids
+    invalid_then_ascii = [sp.piece_to_id("<0xE2>"), sp.piece_to_id("<0x82>"), sp.piece_to_id("<0x32>")]
+    assert hf.decode(invalid_then_ascii) == tokenizer.decode(invalid_then_ascii) == "\ufffd\ufffd2"
