@@ -24,7 +24,7 @@ from rwkv_dist.demo import DEMO_CONFIG, prepare_data  # noqa: E402
 
 
 def run(world: int, out: Path, data: str, args: argparse.Namespace) -> list[dict]:
-    overrides = [f"out_dir={out}", f"data.sources=[{{location: {data}}}]", f"model.n_layer={args.layers}",
+    overrides = [f"out_dir={out}", f"data.sources=[{{location: {data}}}]", f"data.val={data}", f"model.n_layer={args.layers}",
                  f"model.n_embd={args.embd}", "model.ctx_len=64", "schedule.steps=2", "optimizer.warmup_steps=0",
                  "schedule.micro_batch_size=2", "schedule.global_batch_size=4", f"schedule.grad_accum={2 // world}",
                  f"precision={args.precision}", "logging.peak_flops=1e12", "checkpoint.every_steps=1000",

@@ -85,17 +85,19 @@ def load_model_file(path: str | Path) -> ModelFile:
 # ---- the run config (rwkv-dist train) ----------------------------------------------------------------------------
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class SourceConfig(_Section):
+class SourceConfig(Section):
     location: str = Field(description="dataset directory / URL prefix / template with {} (see data/README.md)")
     weight: float = Field(default=1.0, gt=0)
     name: str = ""
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     sources: list[SourceConfig] = Field(min_length=1)
     val: str | None = Field(default=None, description="dataset whose val split gives the validation loss")
     num_workers: int = Field(default=0, ge=0)
@@ -110,14 +112,14 @@ class TrainOptimizerConfig(OptimizerConfig):
     grad_clip: float = Field(default=1.0, ge=0, description="max global grad norm; 0 disables clipping")
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     steps: int = Field(ge=1, description="optimizer steps in the run")
     global_batch_size: int = Field(ge=1, description="sequences per optimizer step, over all ranks")
     micro_batch_size: int = Field(ge=1, description="sequences per rank per forward/backward")
     grad_accum: int = Field(default=1, ge=1)
 
 
-class ParallelConfig(_Section):
+class ParallelConfig(Section):
     strategy: Literal["zero3", "ddp"] = "zero3"
     offload_optimizer: bool = False
     offload_params: bool = False
@@ -128,27 +130,27 @@ class ParallelConfig(_Section):
                     "every matrix of a D >= 128 model is sharded)")
 
 
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     every_steps: int = Field(default=100, ge=1)
     keep_last: int = Field(default=3, ge=1)
     resume: str = Field(default="auto", description="auto (newest complete checkpoint, if any), none, or a step folder")
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     every_steps: int = Field(default=10, ge=1)
     val_every_steps: int = Field(default=0, ge=0, description="0: only at the end")
     val_batches: int = Field(default=20, ge=1)
     peak_flops: float | None = Field(default=None, gt=0, description="per device, for MFU; default: detected")
 
 
-class GuardConfig(_Section):
+class GuardConfig(Section):
     max_bad_steps: int = Field(default=3, ge=1, description="consecutive non-finite steps that trigger a rollback")
     max_rollbacks: int = Field(default=3, ge=0, description="rollbacks before the run gives up")
     spike_sigmas: float = Field(default=6.0, gt=0, description="a loss this many standard deviations above the mean "
                                                                "of the last 100 steps is logged as a spike")
 
 
-class FaultsConfig(_Section):
+class FaultsConfig(Section):
     """Fault injection, for testing the guards and the checkpoint commit (leave empty in real runs)."""
 
     nan_loss_at_steps: list[int] = Field(default=[], description="steps (1-based) whose loss is made NaN on rank 0")
@@ -156,11 +158,13 @@ class FaultsConfig(_Section):
                                                                           "step's checkpoint, before it is committed")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str = "run"
     out_dir: str = "runs/run"
     seed: int = 0
-    precision: Literal["fp32", "bf16"] = "bf16"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="auto: bf16 where the device computes it natively (CUDA compute capability >= 8, "
+                                    "CPUs with AVX-512 BF16 or AMX), else fp32")
     l2wrap: bool = True
     model: RWKVConfig
     data: DataConfig

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -45,7 +44,9 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
     print(f"training with DeepSpeed ZeRO-3 on {workers} Ray Train workers (a local Ray instance):\n{plan.describe(cfg)}",
           flush=True)
     launch(plan, cfg)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from .train.observe import read_metrics
+
+    records = read_metrics(run_dir / "metrics.jsonl")
     losses = [r["loss"] for r in records if r.get("applied")]
     val = [r["val_loss"] for r in records if "val_loss" in r][-1]
     last = sum(losses[-20:]) / len(losses[-20:])

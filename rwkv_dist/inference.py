@@ -10,13 +10,13 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .data import Tokenizer, validation_batches
-from .data.shards import load_manifest
+from .data.shards import check_same_tokenizer, load_manifest
 from .errors import CheckpointError, DataError
 from .model import RWKV
 from .model.state_dict import load_rwkv, read_state_dict
+from .train.loss import token_cross_entropy
 
 
 def load_model(path: str | Path, tokenizer: str | Path | None = None) -> tuple[RWKV, Tokenizer | None]:
@@ -62,7 +62,7 @@ def evaluate(model: RWKV, location: str, ctx_len: int, batch_size: int = 4, max_
     """(mean token loss over the val split of the dataset at `location`, tokens scored)."""
     total, count = 0.0, 0
     for x, y in validation_batches(location, ctx_len, batch_size=batch_size, max_batches=max_batches):
-        total += F.cross_entropy(model(x).float().flatten(0, 1), y.flatten(), reduction="sum").item()
+        total += token_cross_entropy(model(x), y, reduction="sum").item()
         count += y.numel()
     if count == 0:
         raise DataError(f"{location}: the val split has fewer than {ctx_len + 1} tokens (nothing to score)")
@@ -73,8 +73,8 @@ def check_eval_data(location: str, tokenizer: Tokenizer | None) -> None:
     manifest = load_manifest(location)
     if not manifest.shards("val"):
         raise DataError(f"{location}: no val split (make shards with --val-fraction)")
-    if tokenizer is not None and manifest.tokenizer.sha256 != tokenizer.sha256:
-        raise DataError(f"{location}: made with another tokenizer than the model's ({tokenizer.path})")
+    if tokenizer is not None:
+        check_same_tokenizer(manifest, tokenizer.sha256, location, f"the model's tokenizer ({tokenizer.path})")
 
 
 def perplexity(loss: float) -> float:

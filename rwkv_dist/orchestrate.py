@@ -81,10 +81,14 @@ def plan_launch(config: str, overrides: list[str], workers: int, cpus_per_worker
 
 def quiet_ray_logs() -> None:
     """Runs in every Ray process of a launch (worker_process_setup_hook). Ray Train's placement-group cleaner polls
-    the state API, which lives in the dashboard process; with the dashboard off it warns about it every second."""
+    the state API, which lives in the dashboard process; with the dashboard off it warns about it every second. Ray
+    Train also logs every `ray.train.report` of every rank (we report once per checkpoint) at INFO."""
     import logging
 
+    from ray.train.v2._internal.execution import context
+
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by its file path
 
 
 def _worker(loop_config: dict) -> None:
@@ -147,6 +151,10 @@ def launch(plan: LaunchPlan, cfg: RunConfig) -> dict:
     runtime_env = {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
                    "worker_process_setup_hook": "rwkv_dist.orchestrate.quiet_ray_logs"}
     if started_here:
+        import logging
+
+        # a private instance keeps Ray's default token authentication; its notice that it is on is not news here
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(num_cpus=max(int(plan.workers * plan.cpus_per_worker + 0.999), 1) + 1, include_dashboard=False,
                  runtime_env=runtime_env, log_to_driver=True)
     else:

@@ -63,14 +63,20 @@ def train(data: str, run_dir: Path, procs: int = 1, *overrides: str, script: Pat
     return done
 
 
-def records(run_dir: Path) -> list[dict]:
-    """The per-step records of metrics.jsonl (validation records left out)."""
+def raw_records(run_dir: Path) -> list[dict]:
+    """Every per-step line of metrics.jsonl as written, also those a resume or rollback superseded."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
 
 
+def records(run_dir: Path) -> list[dict]:
+    """The per-step records of the run's kept timeline (validation records left out)."""
+    from rwkv_dist.train.observe import read_metrics
+
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
 def losses(run_dir: Path) -> dict[int, float]:
-    """Loss per step; after a resume the replayed steps' last record wins."""
     return {r["step"]: r["loss"] for r in records(run_dir)}
 
 

@@ -231,8 +231,9 @@ def test_world_size_change_neither_repeats_nor_skips(dataset, tokenizer):
     for rank in range(3):
         new = TokenLoader(location, ctx_len=8, batch_size=2, rank=rank, world_size=3, seed=9)
         new.load_state_dict(states)
-        cursor_state = new._consumer_states[rank]["sources"][location]
-        read += tokens_until_epoch1([SourceCursor(Source(location), manifest, "train", rank, 3, 9, "fail", cursor_state)])
+        source = new.sources[0]
+        cursor_state = new._consumer_states[rank]["sources"][source.key]
+        read += tokens_until_epoch1([SourceCursor(source, manifest, "train", rank, 3, 9, "fail", cursor_state)])
     expected = Counter(t for ids in tokenizer.encode(docs) for t in ids)
     expected[EOD_ID] += len(docs)
     assert read == expected
@@ -302,13 +303,13 @@ def test_empty_and_non_utf8_documents_are_counted(tmp_path, tokenizer):
 
 def test_tokenizer_manifest_mismatch(tmp_path, dataset, tokenizer):
     _, location = dataset
-    with pytest.raises(DataError, match="the run expects"):
+    with pytest.raises(DataError, match="made with tokenizer .*, the run uses 000000000000…"):
         TokenLoader(location, ctx_len=8, batch_size=1, tokenizer_sha256="0" * 64)
     folder = tmp_path / "other"
     make_corpus(folder, 50, seed=7)
     other = Tokenizer(train_tokenizer(read_documents([folder / "corpus.jsonl"]), folder, vocab_size=300))
     _, other_ds = build(tmp_path, 8, other)
-    with pytest.raises(DataError, match="made with another tokenizer"):
+    with pytest.raises(DataError, match=f"made with tokenizer .*, {location} uses"):
         TokenLoader([Source(location, name="a"), Source(other_ds, name="b")], ctx_len=8, batch_size=1)
 
 

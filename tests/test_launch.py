@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_same_training, losses, records, run_cli, tiny, weights
+from helpers import assert_same_training, losses, raw_records, records, run_cli, tiny, weights
 
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DEDUP_LOGS": "0"}
 
@@ -48,6 +48,9 @@ def ray_run(data, tmp_path_factory) -> tuple[Path, str]:
 def test_launch_on_two_ray_workers_follows_the_torchrun_curve(ray_run, runs):
     run, out = ray_run
     assert "run demo finished" in out
+    # rank 0's progress reaches the driver's output (its stdout is no terminal): a line per logging.every_steps (2)
+    progress = [line for line in out.splitlines() if "step " in line and "tok/s" in line and "ETA" in line]
+    assert [p.split("step ")[1].split()[0] for p in progress] == ["2/6", "4/6", "6/6"], out[-3000:]
     # same ranks and data; the launchers' process groups need not sum in the same order (seen: 5e-6 at one step)
     assert losses(run) == pytest.approx(losses(runs["zero3"]), rel=1e-5, abs=1e-5)
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
@@ -64,13 +67,13 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_uninterrupted(ray_r
     killed_at = kill_rank_when(run, rank=1, step=3, proc=proc)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    steps = [r["step"] for r in records(run)]
+    steps = [r["step"] for r in raw_records(run)]
     redone = len(steps) - len(set(steps))
     assert 0 < redone <= 2, steps  # at most one checkpoint interval (2 steps) of work is done again
     assert steps[-1] == 6 and killed_at < 6
     # every replayed step reproduced the loss of its first run: it started from the exact committed state
     first: dict[int, float] = {}
-    for r in records(run):
+    for r in raw_records(run):
         assert first.setdefault(r["step"], r["loss"]) == r["loss"], r
     assert losses(run) == losses(reference)
     w_a, w_b = weights(reference), weights(run)

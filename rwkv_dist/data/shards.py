@@ -55,6 +55,14 @@ class Manifest(BaseModel):
     splits: dict[str, list[ShardEntry]]
     stats: dict[str, int]
 
+    @property
+    def identity(self) -> str:
+        """What the dataset is, wherever it is stored: a hash of its tokenizer, token type and every shard (name,
+        counts, sha256) of every split. A copy elsewhere has the same identity; a re-prepared dataset does not."""
+        content = {"tokenizer": self.tokenizer.sha256, "dtype": self.dtype,
+                   "splits": {k: [e.model_dump() for e in v] for k, v in sorted(self.splits.items())}}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
     def shards(self, split: str) -> list[ShardEntry]:
         if split not in self.splits:
             raise DataError(f"manifest has no split {split!r} (has: {', '.join(self.splits)})")
@@ -246,7 +254,8 @@ def verify(location: str | Path) -> tuple[list[str], list[str]]:
     return lines, damaged
 
 
-def check_tokenizer_matches(manifest: Manifest, tokenizer: Tokenizer, where: str) -> None:
-    if manifest.tokenizer.sha256 != tokenizer.sha256:
-        raise DataError(f"{where}: shards were made with tokenizer {manifest.tokenizer.sha256[:12]}…, "
-                        f"{tokenizer.path} is {tokenizer.sha256[:12]}…")
+def check_same_tokenizer(manifest: Manifest, expected_sha256: str, location: str, expected_from: str) -> None:
+    """The one tokenizer check: the dataset at `location` must have been made with the tokenizer of `expected_from`."""
+    if manifest.tokenizer.sha256 != expected_sha256:
+        raise DataError(f"{location}: made with tokenizer {manifest.tokenizer.sha256[:12]}…, {expected_from} uses "
+                        f"{expected_sha256[:12]}…")

@@ -1,8 +1,8 @@
 """The streaming, resumable token loader: shards -> documents -> packed (input, target) windows -> batches.
 
 Who reads what. A *consumer* is one (rank, DataLoader worker) pair; there are world_size x num_workers of them, numbered
-rank * num_workers + worker. In epoch e the shards of a source are shuffled by (seed, e, source) and dealt round-robin
-to the consumers; each consumer reads its shards whole (so the manifest's sha256 is checked before any sample is used),
+rank * num_workers + worker. In epoch e the shards of a source are shuffled by (seed, e, source key: its name, else its
+manifest's identity, so a moved copy reads in the same order) and dealt round-robin to the consumers; each consumer reads its shards whole (so the manifest's sha256 is checked before any sample is used),
 shuffles their documents by (seed, e, shard), and concatenates them, each followed by the end-of-document token, into
 one token stream. Windows of ctx_len + 1 tokens are cut from that stream with a stride of ctx_len: window k is
 stream[k ctx_len : (k+1) ctx_len + 1], input = window[:-1], target = window[1:], so every token is a target exactly once.
@@ -26,7 +26,7 @@ import hashlib
 import math
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -34,22 +34,25 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import DataError
-from .shards import Manifest, ShardDamaged, load_manifest, read_shard
+from .shards import Manifest, ShardDamaged, check_same_tokenizer, load_manifest, read_shard
 
 STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
 class Source:
-    """One dataset (a directory or URL with a manifest) and its weight in the mixture."""
+    """One dataset (a directory or URL with a manifest) and its weight in the mixture. Its `key` (which seeds its
+    shuffle order and names it in the loader's state) is `name` when given, else the dataset's identity (its
+    manifest's content hash), never its location: a dataset copied elsewhere continues a run exactly."""
 
     location: str
     weight: float = 1.0
     name: str = ""
+    identity: str = ""  # filled in by the loader from the manifest
 
     @property
     def key(self) -> str:
-        return self.name or self.location
+        return self.name or f"dataset:{self.identity[:16]}"
 
 
 def _seed_words(*parts) -> list[int]:
@@ -259,20 +262,16 @@ class TokenLoader:
             raise DataError(f"loader: ctx_len and batch_size must be positive, got {ctx_len}, {batch_size}")
         if not 0 <= rank < world_size:
             raise DataError(f"loader: rank {rank} is not in [0, {world_size})")
-        if len({s.key for s in sources}) != len(sources):
-            raise DataError("loader: two sources have the same name")
         for s in sources:
             if not (s.weight > 0 and math.isfinite(s.weight)):
-                raise DataError(f"loader: source {s.key!r} has weight {s.weight}; weights must be positive")
-        self.sources = list(sources)
-        self.manifests = [load_manifest(s.location) for s in self.sources]
-        first = self.manifests[0].tokenizer
+                raise DataError(f"loader: source {s.name or s.location!r} has weight {s.weight}; weights must be positive")
+        self.manifests = [load_manifest(s.location) for s in sources]
+        self.sources = [replace(s, identity=m.identity) for s, m in zip(sources, self.manifests)]
+        if len({s.key for s in self.sources}) != len(sources):
+            raise DataError("loader: two sources have the same name, or are the same dataset without names")
+        expected = tokenizer_sha256 or self.manifests[0].tokenizer.sha256
         for s, m in zip(self.sources, self.manifests):
-            if m.tokenizer.sha256 != first.sha256:
-                raise DataError(f"{s.location}: made with another tokenizer than {self.sources[0].location}")
-            if tokenizer_sha256 is not None and m.tokenizer.sha256 != tokenizer_sha256:
-                raise DataError(f"{s.location}: made with tokenizer {m.tokenizer.sha256[:12]}…, "
-                                f"the run expects {tokenizer_sha256[:12]}…")
+            check_same_tokenizer(m, expected, s.location, "the run" if tokenizer_sha256 else self.sources[0].location)
         self.ctx_len, self.batch_size, self.split, self.on_error, self.seed = ctx_len, batch_size, split, on_error, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.workers = max(num_workers, 1)
@@ -335,7 +334,8 @@ class TokenLoader:
             if st.get("version") != STATE_VERSION:
                 raise DataError(f"loader state: version {st.get('version')!r}, expected {STATE_VERSION}")
             if st["seed"] != self.seed or st["split"] != self.split or st["sources"] != [s.key for s in self.sources]:
-                raise DataError("loader state: saved with other sources, seed or split than this loader")
+                raise DataError(f"loader state: saved with other sources ({st['sources']}), seed or split than this loader "
+                                f"({[s.key for s in self.sources]})")
         old_world, old_workers = states[0]["world_size"], states[0]["workers"]
         if (old_world, old_workers) == (self.world_size, self.workers):
             mine = next((st for st in states if st["rank"] == self.rank), None)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import load_run_config, read_yaml, validate
+from ..config import Section, load_run_config, read_yaml, validate
 from ..errors import ConfigError, RWKVDistError
 from ..train.checkpoint import write_atomic
+from ..train.observe import read_metrics
 
 RESULT = "sweep_result.json"
 # flops = 6 N D, the convention of the fit's compute budget C (sweep-fit); model_flops = the FLOPs the model really
@@ -35,28 +36,24 @@ class SweepError(RWKVDistError):
     """Runs of a sweep failed (each keeps its train.log)."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class GridModel(_Section):
+class GridModel(Section):
     n_layer: int = Field(ge=1)
     n_embd: int = Field(ge=1)
 
 
-class Grid(_Section):
+class Grid(Section):
     models: list[GridModel] = Field(min_length=1)
     tokens: list[int] = Field(min_length=1, description="training tokens per run")
     lr: list[float] | None = Field(default=None, description="lr_init values; lr_final keeps the base's ratio")
 
 
-class Resources(_Section):
+class Resources(Section):
     workers_per_run: int = Field(default=1, ge=1)
     cpus_per_worker: float = Field(default=1, gt=0)
     gpus_per_worker: float = Field(default=0, ge=0)
 
 
-class SweepConfig(_Section):
+class SweepConfig(Section):
     name: str
     base: str = Field(description="run config every grid point starts from (path relative to the sweep file)")
     out_dir: str
@@ -132,7 +129,7 @@ def _summarize(base: Path, run: Run, code: int, wall: float) -> dict:
            "wall_s": round(wall, 2), "status": "failed"}
     metrics = run.out_dir / "metrics.jsonl"
     if code == 0 and metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text().splitlines()]
+        records = read_metrics(metrics)
         losses = [r["loss"] for r in records if r.get("applied")]
         vals = [r["val_loss"] for r in records if "val_loss" in r]
         tail = losses[-max(len(losses) // 10, 1):]  # the last 10% of steps: less noisy than the final batch

@@ -7,20 +7,26 @@
         config.yaml, tokenizer.model, COMPLETE.json
       step_00000300.partial/    being written (or left by a crash): never resumed from, removed by the next save
       latest                    name of the newest committed step (informational; resume scans for COMPLETE.json)
+      universal/step_00000200/  a world-size-free copy (DeepSpeed's universal checkpoint), made when a zero3 run
+                                resumes on another number of ranks; removed by the next commit
 
 Commit protocol: every rank writes into `step_N.partial/`; after a barrier rank 0 writes COMPLETE.json, renames the
 folder to `step_N` (one atomic rename) and updates `latest`; then old checkpoints beyond `keep_last` are removed. A crash at
 any point leaves the previous committed checkpoint untouched.
 
-DeepSpeed reads its own files with pickle. Before handing a checkpoint to DeepSpeed (resume, export) every pickle in it
-is opened with torch's weights-only unpickler, which executes nothing and admits only tensors, containers and the
-DeepSpeed enums listed below; anything else is refused with the file named.
+DeepSpeed reads its own files with pickle. Before handing a checkpoint to DeepSpeed (resume, export) every pickle it
+will read is opened with torch's weights-only unpickler, which executes nothing and admits only tensors, containers and
+the DeepSpeed enums listed below; anything else is refused with the file named. On a resume each rank checks only the
+files it loads itself (its own ZeRO partition and the shared ones), not every rank's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +39,9 @@ STEP_PREFIX = "step_"
 PARTIAL = ".partial"
 COMPLETE = "COMPLETE.json"
 LATEST = "latest"
+UNIVERSAL = "universal"
 FORMAT = "rwkv_dist.checkpoint/1"
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
 def step_name(step: int) -> str:
@@ -114,6 +122,7 @@ class CheckpointStore:
             shutil.rmtree(final)
         os.rename(folder, final)
         write_atomic(self.root / LATEST, final.name + "\n")
+        shutil.rmtree(self.root / UNIVERSAL, ignore_errors=True)  # a conversion for a resume that is now behind us
         for old in self.committed()[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return final
@@ -179,9 +188,25 @@ def load_checked(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def check_pickles(folder: Path) -> None:
-    """Open every pickle under `folder` with the weights-only unpickler; raise naming the first that needs more."""
-    files = sorted(p for p in folder.rglob("*.pt")) + sorted(folder.rglob("*.pth"))
+def pickle_files(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*.pt")) + sorted(folder.rglob("*.pth"))
+
+
+def rank_files(folder: Path, rank: int) -> list[Path]:
+    """The pickles DeepSpeed opens on `rank` when it loads `folder`: the shared files and the rank's own ZeRO
+    partition (`zero_pp_rank_R_...`), not the partitions of other ranks."""
+    files = []
+    for path in pickle_files(folder):
+        match = _RANK_FILE.search(path.name)
+        if match is None or int(match.group(1)) == rank:
+            files.append(path)
+    return files
+
+
+def check_pickles(folder: Path, files: list[Path] | None = None) -> None:
+    """Open every pickle under `folder` (or just `files`) with the weights-only unpickler; raise naming the first that
+    needs more."""
+    files = pickle_files(folder) if files is None else files
     with torch.serialization.safe_globals(_deepspeed_safe_globals()):
         for path in files:
             try:
@@ -204,3 +229,27 @@ def find_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint or run folder")
     raise CheckpointError(f"{path}: no committed checkpoint in it")
+
+
+def universal_checkpoint(folder: Path, root: Path) -> Path:
+    """A DeepSpeed universal checkpoint of the committed ZeRO-3 `folder` at root/<step name> (made once, atomically),
+    which an engine of any data-parallel size loads with `checkpoint.load_universal`: each parameter's fp32 master and
+    Adam moments whole, re-sharded on load."""
+    out = root / folder.name
+    if (out / COMPLETE).is_file():
+        return out
+    check_pickles(folder)  # the conversion unpickles every rank's files
+    from deepspeed.checkpoint.ds_to_universal import main as to_universal
+
+    partial = root / (folder.name + PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    args = type("Args", (), dict(input_folder=str(folder), output_folder=str(partial), num_extract_workers=1,
+                                 num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False))
+    chatter = io.StringIO()  # DeepSpeed narrates every stage
+    with contextlib.redirect_stdout(chatter):
+        to_universal(args)
+    write_atomic(partial / COMPLETE, json.dumps({"format": FORMAT, "universal_of": folder.name, "time": time.time()}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(partial, out)
+    return out

@@ -2,6 +2,9 @@
 
 Launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a lone process gets a world of one on a
 free local port. CPU runs use gloo (DS_ACCELERATOR=cpu), GPU runs NCCL.
+
+Every collective the trainer issues itself goes through World's methods, which put the tensors on the communication
+device first: NCCL only accepts CUDA tensors, so a CPU tensor handed to it fails the first step of every GPU run.
 """
 
 from __future__ import annotations
@@ -27,6 +30,31 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    # -- collectives (all on self.device; results come back as plain Python values or CPU tensors) ----------------
+    def on_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device)
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The element-wise sum over ranks of a tensor (any device), as a CPU tensor."""
+        t = self.on_device(tensor.detach().clone())
+        dist.all_reduce(t)
+        return t.cpu()
+
+    def mean(self, values: list[float]) -> list[float]:
+        return (self.sum(torch.tensor(values, dtype=torch.float64)) / self.size).tolist()
+
+    def broadcast_object(self, obj, src: int = 0):
+        """`obj` of rank `src` on every rank (pickled through a tensor on the communication device)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, device=self.device)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.device.type == "cuda":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -44,7 +72,10 @@ def setup() -> World:
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per collective
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     import deepspeed
+    from deepspeed.utils import logger as deepspeed_logger
 
+    # the trainer chooses torch's AdamW on purpose (bit-exact resume); DeepSpeed warns about it on every start
+    deepspeed_logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
     # also when a launcher (Ray Train) already formed the group: DeepSpeed's own comm layer must wrap it, or its config
     # checks (ZeRO-3 construction) see a world of one
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
@@ -55,22 +86,9 @@ def setup() -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def all_ranks_agree(flag: bool) -> bool:
-    """True when `flag` holds on every rank."""
-    t = torch.tensor([0 if flag else 1], dtype=torch.int32)
-    dist.all_reduce(t)
-    return int(t) == 0
-
-
-def mean_over_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
-
-
 def finish(code: int = 0) -> None:
     """End a multi-process worker: wait for every rank, flush, and leave without running interpreter teardown, where
-    gloo's threads race the shutdown and abort about one run in three (DESIGN §8)."""
+    gloo's threads race the shutdown and abort about one run in three."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
         sys.stdout.flush()

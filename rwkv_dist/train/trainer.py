@@ -29,21 +29,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 from ..config import RunConfig
 from ..data import Source, TokenLoader, load_manifest, validation_batches
-from ..data.shards import read_bytes, shard_url
+from ..data.shards import check_same_tokenizer, read_bytes, shard_url
 from ..data.tokenizer import MODEL_FILE
 from ..errors import CheckpointError, ConfigError, DataError, RWKVDistError
 from ..model import RWKV
 from ..model.init import init_weights
 from . import distributed
-from .checkpoint import CheckpointStore, check_pickles, read_rank_rng, read_rank_states, step_name
+from .checkpoint import (CheckpointStore, check_pickles, read_complete, read_rank_rng, read_rank_states, rank_files,
+                         step_name, universal_checkpoint)
+from .hardware import choose_precision, detect_peak_flops, mfu
 from .l2wrap import l2wrap
-from .observe import Reporter, detect_peak_flops, memory_bytes
+from .loss import token_cross_entropy
+from .observe import Reporter, memory_bytes
 from .optim import lr_at, param_groups
 
 
@@ -69,7 +70,9 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:
+def deepspeed_config(cfg: RunConfig, device: torch.device, load_universal: bool = False) -> dict:
+    """cfg.precision is already resolved (bf16 | fp32). load_universal: the engine will load a universal checkpoint
+    (a resume on another world size)."""
     s, p = cfg.schedule, cfg.parallel
     zero: dict = {"stage": 3 if p.strategy == "zero3" else 0}
     pin = device.type == "cuda"
@@ -91,6 +94,7 @@ def deepspeed_config(cfg: RunConfig, device: torch.device) -> dict:
         "zero_force_ds_cpu_optimizer": False,  # torch AdamW on offloaded partitions: exact resume
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": load_universal},
     }
 
 
@@ -147,19 +151,25 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg: RunConfig, source: str = "config", resume: str | None = None, on_checkpoint=None):
         """on_checkpoint(step, folder): called on every rank after each committed checkpoint."""
-        self.cfg, self.source, self.on_checkpoint = cfg, source, on_checkpoint
+        self.source, self.on_checkpoint = source, on_checkpoint
         cfg.check_world_size(int(os.environ.get("WORLD_SIZE", 1)), source)  # set by every launcher
         self.tokenizer_sha256, self.tokenizer_bytes = check_inputs(cfg, source)  # before any process group or file
         self.world = distributed.setup()
         self.out = Path(cfg.out_dir)
         self.store = CheckpointStore(self.out / "checkpoints")
-        self.resume_from = self.store.resolve(cfg.checkpoint.resume if resume is None else resume)
-        if self.resume_from is not None:
-            self._check_compatible(self.resume_from)
+        self.resume_from = self._resolve_resume(cfg.checkpoint.resume if resume is None else resume)
+        saved = self._saved_config(self.resume_from) if self.resume_from is not None else None
+        precision, self.precision_reason = choose_precision(cfg.precision, self.world.device,
+                                                            saved["precision"] if saved else None)
+        self.cfg = cfg = cfg.model_copy(update={"precision": precision})
+        load_from = None
+        if saved is not None:
+            self._check_compatible(self.resume_from, saved)
+            load_from = self._engine_checkpoint(self.resume_from)
 
         import deepspeed
 
-        ds_config = deepspeed_config(cfg, self.world.device)
+        ds_config = deepspeed_config(cfg, self.world.device, load_universal=load_from != self.resume_from)
         model = build_model(cfg, ds_config, self.world)
         if cfg.parallel.activation_checkpointing:
             model = with_activation_checkpointing(model)
@@ -175,7 +185,7 @@ class Trainer:
                                     on_error=cfg.data.on_error, tokenizer_sha256=self.tokenizer_sha256)
                         for j in range(a)]
         if self.resume_from is not None:
-            self._restore(self.resume_from, data=True)
+            self._restore(self.resume_from, data=True, engine_folder=load_from)
         self.streams = [iter(loader) for loader in self.loaders]
         self.tokens_per_step = s.global_batch_size * cfg.model.ctx_len
         dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
@@ -184,13 +194,37 @@ class Trainer:
         else:
             self.peak_flops, self.peak_source = detect_peak_flops(self.world.device, dtype)
         self.flops_per_token = 3 * cfg.model.flops_per_token_fwd()
+        self._mfu_warned = False
         self._val_batches = None
         self._fired: set[int] = set()
 
-    def _check_compatible(self, folder: Path) -> None:
-        """A checkpoint resumes only into the same model, strategy, precision, seed and data."""
-        saved = yaml.safe_load((folder / "config.yaml").read_text())
+    # -- resuming ---------------------------------------------------------------------------------------------------
+    def _resolve_resume(self, spec: str) -> Path | None:
+        """Rank 0 decides which checkpoint (if any) the run resumes from and every rank takes its answer: ranks that
+        each scanned a shared folder on their own could disagree while a save is being committed."""
+        answer: tuple[str | None, str | None] = (None, None)
+        if self.world.is_main:
+            try:
+                found = self.store.resolve(spec)
+                answer = (str(found) if found is not None else None, None)
+            except CheckpointError as e:
+                answer = (None, str(e))
+        path, error = self.world.broadcast_object(answer)
+        if error is not None:
+            raise CheckpointError(error)
+        return Path(path) if path is not None else None
+
+    @staticmethod
+    def _saved_config(folder: Path) -> dict:
+        return yaml.safe_load((folder / "config.yaml").read_text())
+
+    def _check_compatible(self, folder: Path, saved: dict) -> None:
+        """A checkpoint resumes only into the same model, strategy, precision, seed and data mixture. The data is
+        matched by identity (the loader checks each source's manifest), not by location: shards may move."""
         now = self.cfg.model_dump(mode="json")
+        saved = json.loads(json.dumps(saved))
+        for cfg in (saved, now):
+            cfg["data"]["sources"] = [{k: v for k, v in src.items() if k != "location"} for src in cfg["data"]["sources"]]
         for key in ("model", "precision", "seed", "parallel.strategy", "data.sources"):
             a, b = saved, now
             for part in key.split("."):
@@ -199,11 +233,34 @@ class Trainer:
                 raise CheckpointError(f"{folder}: saved with {key} = {a!r}, this run has {b!r}; "
                                       f"start a new out_dir or set checkpoint.resume=none")
 
+    def _engine_checkpoint(self, folder: Path) -> Path:
+        """The folder the engine loads: the checkpoint itself, or, when it was written by another number of ranks, a
+        universal (world-size-free) copy that rank 0 converts once and every rank re-shards from."""
+        saved_world = read_complete(folder)["world_size"]
+        if saved_world == self.world.size:
+            return folder
+        strategy, precision = self.cfg.parallel.strategy, self.cfg.precision
+        if strategy == "ddp" and precision == "bf16":
+            raise CheckpointError(f"{folder}: written by {saved_world} rank(s); a bf16 ddp checkpoint resumes only on "
+                                  f"{saved_world} rank(s), this run has {self.world.size}")
+        if strategy == "ddp":  # the module and optimizer state are replicated: any world size reads them as they are
+            return folder
+        error = None
+        if self.world.is_main:
+            try:
+                universal_checkpoint(folder, self.store.root / "universal")
+            except Exception as e:  # noqa: BLE001 - reported on every rank as one line
+                error = f"{folder}: converting the {saved_world}-rank checkpoint for {self.world.size} rank(s) failed: {e}"
+        error = self.world.broadcast_object(error)
+        if error is not None:
+            raise CheckpointError(error)
+        return self.store.root / "universal" / folder.name
+
     # -- checkpoints ------------------------------------------------------------------------------------------------
     def save(self) -> None:
         step, rank = self.state.step, self.world.rank
         tag, folder = self.store.begin(step, self.world.is_main)
-        dist.barrier()  # leftovers of an interrupted save are gone before anyone writes
+        self.world.barrier()  # leftovers of an interrupted save are gone before anyone writes
         self.engine.save_checkpoint(str(self.store.root), tag=tag, save_latest=False)
         state = {"rank": rank, "world_size": self.world.size, **asdict(self.state),
                  "data": [loader.state_dict() for loader in self.loaders]}
@@ -213,20 +270,31 @@ class Trainer:
         self.store.write_rank_state(folder, rank, state, rng)
         if self.cfg.faults.crash_in_save_at_step == step and self.world.is_main:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the files are written, the commit is not
-        dist.barrier()
+        self.world.barrier()
         if self.world.is_main:
             final = self.store.commit(folder, step, self.world.size, yaml.safe_dump(self.cfg.model_dump(mode="json")),
                                       self.tokenizer_bytes, self.cfg.checkpoint.keep_last)
             self.reporter.print(f"checkpoint {final}")
-        dist.barrier()
+        self.world.barrier()
         if self.on_checkpoint is not None:
             self.on_checkpoint(step, self.store.root / step_name(step))
 
-    def _restore(self, folder: Path, data: bool) -> None:
-        check_pickles(folder)
-        path, _ = self.engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True)
+    def _restore(self, folder: Path, data: bool, engine_folder: Path | None = None) -> None:
+        """Engine state from `engine_folder` (default: `folder`), trainer and data state from `folder`."""
+        engine_folder = engine_folder or folder
+        check_pickles(engine_folder, rank_files(engine_folder, self.world.rank))  # only what this rank will read
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        path, _ = self.engine.load_checkpoint(str(engine_folder.parent), tag=engine_folder.name,
+                                              load_module_strict=True)
         if path is None:
-            raise CheckpointError(f"{folder}: DeepSpeed found no engine state in it")
+            raise CheckpointError(f"{engine_folder}: DeepSpeed found no engine state in it")
+        # A universal load gives every group the settings of group 0, and every parameter the same `step` tensor
+        # object, which AdamW then increments once per group per step: restore the settings, unshare the counters.
+        for group, settings in zip(self.optimizer.param_groups, groups):
+            group.update({k: v for k, v in settings.items() if k not in ("lr", "initial_lr")})
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
         states = read_rank_states(folder)
         saved = {k: v for k, v in states[0].items() if k in TrainState.__dataclass_fields__}
         rollbacks = self.state.rollbacks
@@ -245,30 +313,41 @@ class Trainer:
 
     # -- one step ---------------------------------------------------------------------------------------------------
     def _train_step(self) -> tuple[float, bool, float | None]:
-        """(mean loss over the global batch, whether the update was applied, the gradient norm)."""
+        """(mean loss over the global batch, whether the update was applied, the gradient norm before clipping)."""
         step = self.state.step + 1
         lr = lr_at(step - 1, self.cfg.optimizer, self.cfg.schedule.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
         self.optimizer.stepped = False
         self.lr = lr
-        losses = []
+        losses, norm = [], None
         for j, stream in enumerate(self.streams):
             batch = next(stream)
             x, y = batch.inputs.to(self.world.device), batch.targets.to(self.world.device)
             logits = self.engine(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = token_cross_entropy(logits, y)
             if j == 0 and self.world.is_main and step in self.cfg.faults.nan_loss_at_steps and step not in self._fired:
                 self._fired.add(step)  # a transient fault: it does not recur when a rollback replays the step
                 loss = loss * float("nan")
             losses.append(loss.detach())
             self.engine.backward(l2wrap(loss, logits) if self.cfg.l2wrap else loss)
+            if j == len(self.streams) - 1:
+                norm = self._replicated_grad_norm()
             self.engine.step()
         local = torch.stack(losses).double().mean().item()  # one device sync per step, not one per micro-batch
-        mean_loss, applied = distributed.mean_over_ranks([local, float(self.optimizer.stepped)])
-        norm = self.engine.get_global_grad_norm()
+        mean_loss, applied = self.world.mean([local, float(self.optimizer.stepped)])
+        if norm is None:
+            norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else None
         return mean_loss, applied == 1.0, norm
+
+    def _replicated_grad_norm(self) -> float | None:
+        """The global gradient norm where DeepSpeed keeps none: fp32 ZeRO-0 clips the module's (already all-reduced,
+        identical) gradients in place without recording the norm. Elsewhere None: DeepSpeed's own is used."""
+        if self.cfg.parallel.strategy != "ddp" or self.cfg.precision != "fp32":
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
     def _rollback(self) -> None:
         st = self.state
@@ -285,6 +364,7 @@ class Trainer:
         skipped = st.skipped_steps
         self._restore(found[-1], data=False)
         self.state.skipped_steps = skipped
+        self.reporter.restart(self.state.step, "rollback")
 
     def validate(self) -> float | None:
         """Mean token loss over the first logging.val_batches batches of the val split, the same set for any world
@@ -306,12 +386,11 @@ class Trainer:
                 x, y = mine[i] if i < len(mine) else batches[0]
                 logits = self.engine(x.to(self.world.device))
                 if i < len(mine):
-                    sums[0] += F.cross_entropy(logits.float().flatten(0, 1), y.to(logits.device).flatten(),
-                                               reduction="sum").item()
+                    sums[0] += token_cross_entropy(logits, y, reduction="sum").item()
                     sums[1] += y.numel()
         self.engine.train()
-        dist.all_reduce(sums)
-        return float(sums[0] / sums[1])
+        total, count = self.world.sum(sums).tolist()
+        return total / count
 
     def model_state(self) -> dict:
         """Elements and bytes of parameters, fp32 master copies and optimizer moments held by this rank."""
@@ -343,10 +422,20 @@ class Trainer:
         self.engine.train()
         return out
 
+    def _mfu(self, tokens_per_s: float) -> float | None:
+        value = mfu(self.flops_per_token, tokens_per_s, self.world.size, self.peak_flops)
+        if value is None and not self._mfu_warned:
+            self._mfu_warned = True
+            self.reporter.print(f"[yellow]warning: MFU would exceed 100% against the peak of {self.peak_flops:.3g} "
+                                f"FLOP/s ({self.peak_source}): the peak is wrong; MFU is reported as unknown "
+                                f"(set logging.peak_flops)")
+        return value
+
     # -- the loop ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, st, log = self.cfg, self.state, self.cfg.logging
-        self.reporter = Reporter(self.out, self.world.is_main, cfg.schedule.steps, st.step)
+        self.reporter = Reporter(self.out, self.world.is_main, cfg.schedule.steps, st.step, log.every_steps,
+                                 resumed=self.resume_from is not None)
         workers = self.out / "workers"  # which process is which rank, for operators (and the fault tests)
         workers.mkdir(parents=True, exist_ok=True)
         (workers / f"rank_{self.world.rank:05d}.json").write_text(json.dumps(
@@ -356,14 +445,16 @@ class Trainer:
             params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
             where = f"resumed from {self.resume_from}" if self.resume_from else "from scratch"
             self.reporter.print(f"{cfg.name}: RWKV-4 L{cfg.model.n_layer} D{cfg.model.n_embd} ({params:,} parameters), "
-                                f"{cfg.parallel.strategy} on {self.world.size} rank(s), {cfg.precision}, {where} at "
-                                f"step {st.step}; peak {self.peak_flops / 1e12:.3g} TFLOP/s/device ({self.peak_source})")
-        bad_streak, val_loss, started, start_step = 0, None, time.time(), st.step
+                                f"{cfg.parallel.strategy} on {self.world.size} rank(s), {where} at step {st.step}")
+            self.reporter.print(f"precision {cfg.precision} ({self.precision_reason}); peak "
+                                f"{self.peak_flops / 1e12:.3g} TFLOP/s/device ({self.peak_source})")
+        bad_streak, val_loss, started, steps_run = 0, None, time.time(), 0
         recent = deque(st.recent_losses, maxlen=100)
         last_losses: deque[float] = deque(maxlen=20)
         while st.step < cfg.schedule.steps:
             t0 = time.time()
             loss, applied, norm = self._train_step()
+            steps_run += 1  # steps computed by this process, also those a rollback discards
             st.step += 1
             st.tokens += self.tokens_per_step
             if applied:
@@ -387,9 +478,8 @@ class Trainer:
             tokens_per_s = self.tokens_per_step / dt
             record = {"step": st.step, "loss": loss, "lr": self.lr, "grad_norm": norm if applied else None,
                       "applied": applied, "tokens": st.tokens, "tokens_per_s": tokens_per_s,
-                      "mfu": self.flops_per_token * tokens_per_s / (self.world.size * self.peak_flops),
-                      "memory_bytes": memory_bytes(self.world.device), "skipped_steps": st.skipped_steps,
-                      "rollbacks": st.rollbacks, "loss_spikes": st.loss_spikes}
+                      "mfu": self._mfu(tokens_per_s), "memory_bytes": memory_bytes(self.world.device),
+                      "skipped_steps": st.skipped_steps, "rollbacks": st.rollbacks, "loss_spikes": st.loss_spikes}
             self.reporter.step(record, write_scalars=st.step % log.every_steps == 0 or st.step == cfg.schedule.steps)
             if bad_streak >= cfg.guard.max_bad_steps:
                 self._rollback()
@@ -409,12 +499,17 @@ class Trainer:
         ranks = self.out / "ranks"
         ranks.mkdir(parents=True, exist_ok=True)
         (ranks / f"rank_{self.world.rank:05d}.json").write_text(json.dumps(held) + "\n")
-        steps_run = st.step - start_step
+        if self.world.is_main:  # a run resumed on fewer ranks: the files of ranks it no longer has are stale
+            for stale in ranks.glob("rank_*.json"):
+                if int(stale.stem.removeprefix("rank_")) >= self.world.size:
+                    stale.unlink()
         tokens_per_s = steps_run * self.tokens_per_step / wall if wall > 0 else 0.0
+        run_mfu = self._mfu(tokens_per_s)
         summary = {
-            "run": cfg.name, "steps": st.step, "tokens": st.tokens, "wall time (s)": round(wall, 1),
-            "tokens/s": tokens_per_s,
-            "MFU": self.flops_per_token * tokens_per_s / (self.world.size * self.peak_flops),
+            "run": cfg.name, "steps": st.step, "steps computed": steps_run, "tokens": st.tokens,
+            "wall time (s)": round(wall, 1), "tokens/s": tokens_per_s,
+            "MFU": run_mfu if run_mfu is not None else "unknown (peak too low)",
+            "precision": cfg.precision,
             "train loss (mean of last 20)": sum(last_losses) / len(last_losses) if last_losses else float("nan"),
             "val loss": val_loss if val_loss is not None else "n/a",
             "val perplexity": math.exp(val_loss) if val_loss is not None else "n/a",
@@ -447,8 +542,10 @@ def check_inputs(cfg: RunConfig, where: str) -> tuple[str, bytes]:
             raise ConfigError(f"{where}: data.val: {e}") from None
         if not val.shards("val"):
             raise ConfigError(f"{where}: data.val: {cfg.data.val} has no val split (make shards with --val-fraction)")
-        if val.tokenizer.sha256 != manifests[0].tokenizer.sha256:
-            raise ConfigError(f"{where}: data.val: {cfg.data.val} was made with another tokenizer than the training data")
+        try:
+            check_same_tokenizer(val, manifests[0].tokenizer.sha256, cfg.data.val, "the training data")
+        except DataError as e:
+            raise ConfigError(f"{where}: data.val: {e}") from None
     out = Path(cfg.out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{where}: out_dir: {out} exists and is not a folder")
