@@ -97,6 +97,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"val loss {loss:.4f}  perplexity {perplexity(loss):.3f}  ({tokens:,} tokens, ctx {ctx_len})")
 
 
+def cmd_lm_eval(args: argparse.Namespace) -> None:
+    from .evaluation.harness import lm_eval_command
+
+    lm_eval_command(args.checkpoint, args.tasks, args.tokenizer, args.include_path, args.num_fewshot, args.limit,
+                    args.batch_size, args.output_path, args.log_samples, args.device)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
@@ -299,6 +306,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=_positive(int, "--max-batches"), default=None)
     p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("lm-eval", help="downstream tasks with lm-evaluation-harness (the rwkv_dist backend)")
+    p.add_argument("checkpoint", help=ckpt_help)
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks")
+    p.add_argument("--include-path", action="append", help="folder of local task YAMLs (repeatable)")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--limit", type=_positive(float, "--limit"), default=None,
+                   help="documents per task (a fraction of them if < 1)")
+    p.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=8)
+    p.add_argument("--output-path", help="folder for lm-eval's results JSON (and samples)")
+    p.add_argument("--log-samples", action="store_true", help="also write every request and response")
+    p.add_argument("--tokenizer", help="tokenizer.model or a tokenizers .json (default: the checkpoint's)")
+    p.add_argument("--device", help="default: cuda if available, else cpu")
+    p.set_defaults(func=cmd_lm_eval)
 
     p = sub.add_parser("demo", help="embedded corpus -> tokenizer -> shards -> ZeRO-3 on 2 processes -> sample")
     p.add_argument("--out", default="runs/demo", help="where the tokenizer, shards and outputs go")

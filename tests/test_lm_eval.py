@@ -3,6 +3,7 @@ export, state reuse, generation with stop sequences, the CLI and its one-line er
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,206 @@ def test_hf_export_tokenizer_decodes_generated_ids_as_ours(tokenizer, hf_tokeniz
         assert hf.decode(ids) == tokenizer.decode(ids), ids
     invalid_then_ascii = [sp.piece_to_id("<0xE2>"), sp.piece_to_id("<0x82>"), sp.piece_to_id("<0x32>")]
     assert hf.decode(invalid_then_ascii) == tokenizer.decode(invalid_then_ascii) == "\ufffd\ufffd2"
+
+
+# ---- the lm-eval backend ------------------------------------------------------------------------------------------
+
+TASKS = Path(__file__).with_name("lm_eval_tasks")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch, repo):
+    monkeypatch.chdir(repo)  # the local tasks' data_files are relative to the repository root, as lm-eval reads them
+
+
+@pytest.fixture(scope="module")
+def trained(runs) -> Path:
+    """A trained test checkpoint: the 1-process ZeRO-3 run of the shared training fixtures (2 layers, D64, V2048)."""
+    return runs["one"]
+
+
+@pytest.fixture(scope="module")
+def trained_hf(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trained_hf") / "hf"
+    done = run_cli("export", trained, "--format", "hf", "--out", out)
+    assert done.returncode == 0 and "with its tokenizer" in done.stdout, done.stdout + done.stderr
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer.model").is_file()
+    return out
+
+
+def ours(checkpoint, **kw):
+    from rwkv_dist.evaluation.backend import RWKVDistLM
+
+    return RWKVDistLM(pretrained=str(checkpoint), device="cpu", **{"batch_size": 4, "chunk_len": 16, **kw})
+
+
+def evaluate(lm, tasks, **kw) -> dict:
+    from rwkv_dist.evaluation.harness import run_tasks
+
+    return run_tasks(lm, tasks, include_path=[TASKS], log_samples=True, bootstrap_iters=0, **kw)
+
+
+def scores(results: dict, task: str) -> list[float]:
+    """Every request's log-likelihood, in lm-eval's document order."""
+    out = []
+    for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
+        for resp in sample["resps"]:
+            out.append(float(resp[0][0] if isinstance(resp[0], (tuple, list)) else resp[0]))
+    return out
+
+
+def metrics(results: dict, task: str) -> dict:
+    return {k: v for k, v in results["results"][task].items() if k.endswith(",none") and "stderr" not in k}
+
+
+@pytest.fixture(scope="module")
+def hf_results(trained_hf) -> dict:
+    """lm-eval's own `hf` backend (transformers' RwkvForCausalLM, fp32) on the HF export of the trained checkpoint."""
+    from lm_eval.models.huggingface import HFLM
+
+    hf = HFLM(pretrained=str(trained_hf), device="cpu", dtype="float32", batch_size=4, max_length=2048)
+    return {"mc": evaluate(hf, ["rwkv_dist_mc"], num_fewshot=2), "ppl": evaluate(hf, ["rwkv_dist_ppl"])}
+
+
+@pytest.fixture(scope="module")
+def our_results(trained) -> dict:
+    """Our backend on the same tasks: {"mc" | "ppl": (the LM, its token counts, the results)}."""
+    out = {}
+    for task, fewshot in (("mc", 2), ("ppl", None)):
+        lm = ours(trained)
+        out[task] = (lm, dict(lm.stats), evaluate(lm, [f"rwkv_dist_{task}"], num_fewshot=fewshot))
+        out[task][1].update(lm.stats)
+    return out
+
+
+def test_loglikelihoods_equal_lm_evals_hf_backend_on_the_export(our_results, hf_results):
+    for task in ("mc", "ppl"):
+        got, ref, name = our_results[task][2], hf_results[task], f"rwkv_dist_{task}"
+        a, b = scores(got, name), scores(ref, name)
+        assert len(a) == len(b) == (96 if task == "mc" else 8)
+        # within 1e-4; a whole document's sum also carries the rounding of the hf backend's float32 sum over its
+        # ~150 tokens (|sum| ~ 1000: ~1e-4 of rounding alone), so documents get 1e-6 of their magnitude on top
+        worst = max(abs(x - y) - 1e-6 * abs(y) for x, y in zip(a, b))
+        assert worst < 1e-4, (task, worst)
+        assert metrics(got, name) == pytest.approx(metrics(ref, name), rel=1e-6)
+        # the prompts lm-eval built are the same for both backends
+        assert [s["arguments"] for s in got["samples"][name]] == [s["arguments"] for s in ref["samples"][name]]
+    assert metrics(our_results["mc"][2], "rwkv_dist_mc") == metrics(hf_results["mc"], "rwkv_dist_mc")  # counts: equal
+    ppl = metrics(our_results["ppl"][2], "rwkv_dist_ppl")
+    assert 1 < ppl["byte_perplexity,none"] < 256 and ppl["bits_per_byte,none"] > 0
+
+
+def test_each_context_runs_once_for_all_its_choices(our_results):
+    """State reuse: a 4-choice question costs one pass over its (2-shot) context, not four."""
+    lm, stats, results = our_results["mc"]
+    contexts = {s["doc_id"]: s["arguments"][0][0] for s in results["samples"]["rwkv_dist_mc"]}
+    assert all(len(s["arguments"]) == 4 for s in results["samples"]["rwkv_dist_mc"])
+    context_tokens = sum(len(lm.tok_encode(c)) for c in contexts.values())
+    assert context_tokens > 24 * 60  # 2-shot contexts: the cost that matters
+    assert stats["context"] <= 1.3 * context_tokens, (stats, context_tokens)
+    assert stats["context"] == context_tokens  # every context exactly once
+    assert stats["continuation"] < context_tokens / 2
+    # whole documents stream through the state: one token in per token scored
+    lm, stats, results = our_results["ppl"]
+    docs = [s["doc"]["text"] for s in results["samples"]["rwkv_dist_ppl"]]
+    assert stats["rolling"] == sum(len(lm.tok_encode(d)) for d in docs) and stats["context"] == 0
+
+
+def greedy_reference(model, tokenizer, prompt: str, n: int) -> list[int]:
+    ids, state, out = tokenizer.encode([prompt])[0], None, []
+    with torch.no_grad():
+        for token in ids:
+            logits, state = model.step(torch.tensor([token]), state)
+        for _ in range(n):
+            out.append(int(logits[0].argmax()))
+            logits, state = model.step(torch.tensor([out[-1]]), state)
+    return out
+
+
+def test_generate_until_is_greedy_decoding_cut_at_the_first_stop_sequence(trained):
+    import subprocess
+    import sys
+
+    from lm_eval.api.instance import Instance
+
+    from rwkv_dist.inference import load_model
+
+    n, prompts = 24, ["def __init__(self", "import os\n", "class Error("]
+    model, tokenizer = load_model(trained)
+    tokens = {p: greedy_reference(model, tokenizer, p, n) for p in prompts}
+    assert not any(tokenizer.eod_id in t for t in tokens.values())
+    texts = {p: tokenizer.decode(t) for p, t in tokens.items()}
+    # `rwkv-dist generate` with a nucleus of one token is greedy: the same text
+    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "generate", str(trained), "--prompt", prompts[0],
+                           "--max-tokens", str(n), "--top-p", "1e-9"], capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.decode() == prompts[0] + texts[prompts[0]] + "\n"
+
+    def request(prompt, until, max_gen=n):
+        return Instance("generate_until", {}, (prompt, {"until": until, "max_gen_toks": max_gen, "do_sample": False}), 0)
+
+    cases = []  # (request, expected text)
+    for p, text in texts.items():
+        early, late = text[3:6], text[12:15]
+        cases += [(request(p, []), text), (request(p, ["\x07 not there"]), text),
+                  (request(p, [early]), text[:text.index(early)]), (request(p, [late]), text[:text.index(late)]),
+                  (request(p, [late, early]), text[:min(text.index(early), text.index(late))]),
+                  (request(p, [], max_gen=5), tokenizer.decode(tokens[p][:5]))]
+    lm = ours(trained, batch_size=3)
+    got = lm.generate_until([r for r, _ in cases])
+    assert got == [expected for _, expected in cases]
+    assert lm.stats["context"] == sum(len(tokenizer.encode([r.args[0]])[0]) for r, _ in cases)
+
+
+def test_lm_eval_cli_writes_lm_evals_results_json(trained, tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    done = run_cli("lm-eval", trained, "--tasks", "rwkv_dist_mc,rwkv_dist_ppl,rwkv_dist_gen", "--include-path", TASKS,
+                   "--limit", 4, "--batch-size", 3, "--output-path", out, "--log-samples")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    (results_file,) = out.rglob("results_*.json")
+    assert f"wrote {results_file}" in done.stdout
+    results = json.loads(results_file.read_text())
+    assert set(results["results"]) == {"rwkv_dist_mc", "rwkv_dist_ppl", "rwkv_dist_gen"}
+    assert results["n-samples"]["rwkv_dist_mc"]["effective"] == 4 and "config" in results and "versions" in results
+    samples = [json.loads(line) for line in next(out.rglob("samples_rwkv_dist_mc_*.jsonl")).read_text().splitlines()]
+    acc = sum(s["acc"] for s in samples) / len(samples)
+    assert len(samples) == 4 and results["results"]["rwkv_dist_mc"]["acc,none"] == pytest.approx(acc)
+    assert "rwkv_dist_gen" in done.stdout and "exact_match" in done.stdout  # lm-eval's table
+
+
+def test_the_model_is_registered_with_lm_eval(trained):
+    """What `lm_eval --model rwkv_dist --model_args pretrained=...` (python -m rwkv_dist.evaluation) does."""
+    from lm_eval import simple_evaluate
+    from lm_eval.api.registry import get_model
+
+    from rwkv_dist.evaluation.backend import RWKVDistLM
+    from rwkv_dist.evaluation.harness import task_manager
+
+    assert get_model("rwkv_dist") is RWKVDistLM
+    results = simple_evaluate(model="rwkv_dist", model_args=f"pretrained={trained},chunk_len=8", batch_size=2,
+                              device="cuda", tasks=["rwkv_dist_ppl"], limit=2, bootstrap_iters=0,
+                              task_manager=task_manager(["rwkv_dist_ppl"], [TASKS]))
+    assert results["results"]["rwkv_dist_ppl"]["bits_per_byte,none"] > 0
+
+
+@pytest.mark.parametrize("case", ["unknown task", "missing dataset", "vocabulary mismatch", "no tokenizer"])
+def test_bad_lm_eval_input_is_one_line(case, trained, tokenizer, tmp_path, capsys):
+    from rwkv_dist.cli import main
+
+    small = tmp_path / "small.pth"
+    torch.save(random_model(vocab_size=300, n_layer=1, n_embd=16).state_dict(), small)
+    args, message = {
+        "unknown task": ([trained, "--tasks", "rwkv_dist_mc,no_such_task"], "unknown task no_such_task: not in"),
+        "missing dataset": ([trained, "--tasks", "rwkv_dist_missing"],
+                            "task rwkv_dist_missing: its dataset is not on this machine: Unable to find"),
+        "vocabulary mismatch": ([small, "--tasks", "rwkv_dist_mc", "--tokenizer", tokenizer.path],
+                                "2048 tokens, more than the model's 300"),
+        "no tokenizer": ([small, "--tasks", "rwkv_dist_mc"], "a weights file carries no tokenizer"),
+    }[case]
+    capsys.readouterr()
+    assert main(["lm-eval", *map(str, args), "--include-path", str(TASKS)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("rwkv-dist lm-eval: error: ") and message in err, err
