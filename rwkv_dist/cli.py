@@ -309,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lm-eval", help="downstream tasks with lm-evaluation-harness (the rwkv_dist backend)")
     p.add_argument("checkpoint", help=ckpt_help)
-    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks; rwkv-paper = the paper's zero-shot "
+                                                  "suite beside the official RWKV-4 figures")
     p.add_argument("--include-path", action="append", help="folder of local task YAMLs (repeatable)")
     p.add_argument("--num-fewshot", type=int, default=None)
     p.add_argument("--limit", type=_positive(float, "--limit"), default=None,

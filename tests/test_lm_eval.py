@@ -293,7 +293,8 @@ def test_the_model_is_registered_with_lm_eval(trained):
     assert results["results"]["rwkv_dist_ppl"]["bits_per_byte,none"] > 0
 
 
-@pytest.mark.parametrize("case", ["unknown task", "missing dataset", "vocabulary mismatch", "no tokenizer"])
+@pytest.mark.parametrize("case", ["unknown task", "missing dataset", "paper suite offline", "vocabulary mismatch",
+                                  "no tokenizer"])
 def test_bad_lm_eval_input_is_one_line(case, trained, tokenizer, tmp_path, capsys):
     from rwkv_dist.cli import main
 
@@ -303,6 +304,8 @@ def test_bad_lm_eval_input_is_one_line(case, trained, tokenizer, tmp_path, capsy
         "unknown task": ([trained, "--tasks", "rwkv_dist_mc,no_such_task"], "unknown task no_such_task: not in"),
         "missing dataset": ([trained, "--tasks", "rwkv_dist_missing"],
                             "task rwkv_dist_missing: its dataset is not on this machine: Unable to find"),
+        "paper suite offline": ([trained, "--tasks", "rwkv-paper"],
+                                "task arc_challenge: its dataset is not on this machine: Couldn't reach 'allenai/ai2_arc'"),
         "vocabulary mismatch": ([small, "--tasks", "rwkv_dist_mc", "--tokenizer", tokenizer.path],
                                 "2048 tokens, more than the model's 300"),
         "no tokenizer": ([small, "--tasks", "rwkv_dist_mc"], "a weights file carries no tokenizer"),
@@ -311,3 +314,19 @@ def test_bad_lm_eval_input_is_one_line(case, trained, tokenizer, tmp_path, capsy
     assert main(["lm-eval", *map(str, args), "--include-path", str(TASKS)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("rwkv-dist lm-eval: error: ") and message in err, err
+
+
+def test_the_paper_preset_lists_lm_eval_tasks_beside_the_official_figures():
+    from rwkv_dist.evaluation.harness import expand_tasks, paper_comparison, paper_suite, task_manager
+
+    names = expand_tasks(["rwkv-paper", "piqa"])
+    assert names == paper_suite()["tasks"] and len(names) == 12
+    task_manager(names)  # every one is a task of lm-eval 0.4.13 (or this raises)
+    official = paper_suite()["official"]
+    assert len(official) == 6 and official["RWKV-4-Pile-14B-20230213-8019"]["lambada_openai"]["acc"] == 71.05
+    table = paper_comparison({"results": {"lambada_openai": {"acc,none": 0.5, "perplexity,none": 12.0},
+                                          "sciq": {"acc,none": 0.25, "acc_norm,none": 0.5}}})
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in table.splitlines()[1:-1]}
+    assert rows[("lambada_openai", "acc")] == ["50.00", "32.99", "45.16", "56.43", "63.94", "67.18", "71.05"]
+    assert rows[("lambada_openai", "perplexity")][:2] == ["12.00", "29.33"]
+    assert rows[("sciq", "acc")] == ["25.00"] + ["-"] * 6  # no documented figure: shown as such, not invented

@@ -1,4 +1,4 @@
-"""Running lm-eval tasks on an RWKVDistLM: task lookup (local folders, lm-eval's own tasks),
+"""Running lm-eval tasks on an RWKVDistLM: task lookup (local folders, lm-eval's own tasks, the `rwkv-paper` preset),
 lm-eval's standard results files, and one-line errors for unknown tasks and datasets missing on this machine."""
 
 from __future__ import annotations
@@ -8,13 +8,25 @@ import functools
 import logging
 from pathlib import Path
 
+import yaml
+
 from ..errors import ConfigError, DataError
+
+PAPER_FILE = Path(__file__).with_name("rwkv_paper.yaml")
+PAPER_PRESET = "rwkv-paper"
+
+
+def paper_suite() -> dict:
+    """{"tasks": [lm-eval task names], "official": {checkpoint: {task: {metric: percent or perplexity}}}}."""
+    return yaml.safe_load(PAPER_FILE.read_text())
+
 
 def expand_tasks(tasks: list[str]) -> list[str]:
     names: list[str] = []
     for task in tasks:
-        if task and task not in names:
-            names.append(task)
+        for name in paper_suite()["tasks"] if task == PAPER_PRESET else [task]:
+            if name and name not in names:
+                names.append(name)
     if not names:
         raise ConfigError("lm-eval: no tasks given")
     return names
@@ -107,6 +119,27 @@ def run_tasks(lm, tasks: list[str], include_path: list[str | Path] | None = None
     return results
 
 
+def paper_comparison(results: dict) -> str:
+    """Our scores on the paper's tasks beside the official RWKV-4 checkpoints' documented figures."""
+    suite = paper_suite()
+    official = suite["official"]
+    sizes = [name.split("-")[3] for name in official]  # RWKV-4-Pile-169M-... -> 169M
+    rows = [["task", "metric", "this model", *sizes]]
+    for task in suite["tasks"]:
+        scores = results.get("results", {}).get(task)
+        if scores is None:
+            continue
+        metrics = sorted({m for card in official.values() for m in card.get(task, {})}) or \
+            [k.split(",")[0] for k in scores if k.endswith(",none") and "_stderr" not in k]
+        for metric in metrics:
+            ours = scores.get(f"{metric},none")
+            shown = "-" if ours is None else f"{ours:.2f}" if metric == "perplexity" else f"{100 * ours:.2f}"
+            rows.append([task, metric, shown, *[str(card.get(task, {}).get(metric, "-")) for card in official.values()]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    return "\n".join(lines + [f"(official figures: model cards of the RWKV-4 Pile checkpoints, percent; see {PAPER_FILE})"])
+
+
 def lm_eval_command(checkpoint: str, tasks: str, tokenizer: str | None = None, include_path: list[str] | None = None,
                     num_fewshot: int | None = None, limit: float | None = None, batch_size: int = 8,
                     output_path: str | None = None, log_samples: bool = False, device: str | None = None) -> dict:
@@ -123,6 +156,8 @@ def lm_eval_command(checkpoint: str, tasks: str, tokenizer: str | None = None, i
     results = run_tasks(lm, names, include_path, num_fewshot, limit, log_samples, output_path, model_name=checkpoint,
                         manager=manager, loaded=loaded)
     print(make_table(results))
+    if PAPER_PRESET in [t.strip() for t in tasks.split(",")]:
+        print(paper_comparison(results))
     if output_path:
         written = sorted(Path(output_path).rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
         print(f"wrote {written[-1] if written else output_path}")
