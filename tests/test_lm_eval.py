@@ -330,3 +330,39 @@ def test_the_paper_preset_lists_lm_eval_tasks_beside_the_official_figures():
     assert rows[("lambada_openai", "acc")] == ["50.00", "32.99", "45.16", "56.43", "63.94", "67.18", "71.05"]
     assert rows[("lambada_openai", "perplexity")][:2] == ["12.00", "29.33"]
     assert rows[("sciq", "acc")] == ["25.00"] + ["-"] * 6  # no documented figure: shown as such, not invented
+
+
+def test_sweep_runs_score_eval_tasks_as_results_columns(trained, data, repo, tmp_path):
+    """A sweep with `eval:` runs `rwkv-dist lm-eval` on each finished run (inside its Ray task, after training) and
+    its task metrics become columns of results.csv. Here: the sweep's own pieces on an already trained run."""
+    import csv
+    import json
+    import shutil
+    import sys
+
+    import yaml
+
+    from rwkv_dist.sweep.runner import RESULT, _eval_command, _execute, _summarize, load_sweep, run_sweep, write_table
+
+    tiny_cpu = yaml.safe_load((repo / "configs" / "sweeps" / "tiny-cpu.yaml").read_text())
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "evals", "base": str(repo / "configs" / "demo.yaml"), "out_dir": str(tmp_path / "out"),
+        "overrides": [o for o in tiny_cpu["overrides"] if not o.startswith("data.")] + [
+            f"data.sources=[{{location: {data}}}]", f"data.val={data}", "model.ctx_len=32"],
+        "grid": {"models": [{"n_layer": 2, "n_embd": 64}], "tokens": [4096]},
+        "eval": {"tasks": ["rwkv_dist_mc"], "include_path": [str(TASKS)], "limit": 6, "batch_size": 3}}))
+    lines: list[str] = []
+    run_sweep(sweep_file, dry_run=True, echo=lines.append)
+    assert any("then: -m rwkv_dist.cli lm-eval" in line and "--tasks rwkv_dist_mc" in line for line in lines), lines
+    sweep, base, (run,) = load_sweep(sweep_file)
+    shutil.copytree(trained, run.out_dir)  # as if its training had just finished
+    code, _ = _execute([sys.executable, "-c", "pass"], str(repo), str(run.out_dir / "train.log"),
+                       _eval_command(sweep, sweep_file.parent, run))
+    assert code == 0, (run.out_dir / "eval.log").read_text()[-3000:]
+    row = _summarize(base, run, code, 1.0, evaluated=True)
+    assert row["status"] == "done" and 0 <= row["rwkv_dist_mc/acc"] <= 1 and "rwkv_dist_mc/acc_norm" in row
+    (run.out_dir / RESULT).write_text(json.dumps(row) + "\n")  # what run_sweep keeps per finished run
+    with open(write_table(Path(sweep.out_dir), [run])) as f:
+        (written,) = list(csv.DictReader(f))
+    assert float(written["rwkv_dist_mc/acc"]) == pytest.approx(row["rwkv_dist_mc/acc"]) and written["train_loss"]

@@ -4,7 +4,9 @@ Each grid point is an ordinary `rwkv-dist train` run (its own out_dir, checkpoin
 subprocess inside a Ray task that holds the run's resources (workers x CPUs/GPUs), at most `max_concurrent` at a time.
 A finished run leaves `sweep_result.json` in its folder; restarting the sweep skips those and resumes the others from
 their newest committed checkpoints. After every run the table `OUT/results.csv` is rewritten from the result files
-(params, tokens, FLOPs, final train/val loss, wall time, status), the input of `rwkv-dist sweep-fit`.
+(params, tokens, FLOPs, final train/val loss, wall time, status), the input of `rwkv-dist sweep-fit`. With an `eval:`
+section, each finished run's final checkpoint is also scored on lm-eval tasks (`rwkv-dist lm-eval`, in the same Ray
+task, after training; lm-eval's results in OUT/runs/NAME/eval/) and every task metric becomes a column `TASK/METRIC`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ class Resources(Section):
     gpus_per_worker: float = Field(default=0, ge=0)
 
 
+class SweepEval(Section):
+    tasks: list[str] = Field(min_length=1, description="lm-eval tasks (or rwkv-paper) scored on each final checkpoint")
+    include_path: list[str] = Field(default=[], description="folders of local task YAMLs (relative to the sweep file)")
+    limit: float | None = Field(default=None, gt=0, description="documents per task (a fraction if < 1)")
+    num_fewshot: int | None = Field(default=None, ge=0)
+    batch_size: int = Field(default=8, ge=1)
+
+
 class SweepConfig(Section):
     name: str
     base: str = Field(description="run config every grid point starts from (path relative to the sweep file)")
@@ -61,6 +71,7 @@ class SweepConfig(Section):
     grid: Grid
     resources: Resources = Resources()
     max_concurrent: int = Field(default=1, ge=1)
+    eval: SweepEval | None = None
 
 
 class Run(BaseModel):
@@ -112,15 +123,43 @@ def _train_command(base: Path, run: Run, workers: int) -> list[str]:
     return [*launcher, "-m", "rwkv_dist.cli", "train", str(base.resolve()), *run.overrides, "--resume", "auto"]
 
 
-def _execute(cmd: list[str], cwd: str, log: str) -> tuple[int, float]:
-    """Runs inside a Ray task: one training run as a subprocess, output to its log file."""
+def _eval_command(sweep: SweepConfig, sweep_dir: Path, run: Run) -> list[str] | None:
+    e = sweep.eval
+    if e is None:
+        return None
+    cmd = [sys.executable, "-m", "rwkv_dist.cli", "lm-eval", str(run.out_dir), "--tasks", ",".join(e.tasks),
+           "--batch-size", str(e.batch_size), "--output-path", str(run.out_dir / "eval")]
+    for folder in e.include_path:
+        cmd += ["--include-path", str((sweep_dir / folder).resolve())]
+    cmd += ["--limit", f"{e.limit:g}"] if e.limit is not None else []
+    cmd += ["--num-fewshot", str(e.num_fewshot)] if e.num_fewshot is not None else []
+    return cmd
+
+
+def _execute(cmd: list[str], cwd: str, log: str, eval_cmd: list[str] | None = None) -> tuple[int, float]:
+    """Runs inside a Ray task: one training run as a subprocess, output to its log file; then, if it finished, the
+    evaluation of its final checkpoint (output to eval.log beside it). Returns (exit code, training seconds)."""
     start = time.time()
     with open(log, "a") as f:
         code = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
-    return code, time.time() - start
+    wall = time.time() - start
+    if code == 0 and eval_cmd:
+        with open(Path(log).with_name("eval.log"), "a") as f:
+            code = subprocess.run(eval_cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT).returncode
+    return code, wall
 
 
-def _summarize(base: Path, run: Run, code: int, wall: float) -> dict:
+def eval_columns(out_dir: Path) -> dict[str, float]:
+    """{"TASK/METRIC": value} from the newest lm-eval results file under out_dir/eval (stderr columns left out)."""
+    files = sorted((out_dir / "eval").rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return {}
+    results = json.loads(files[-1].read_text()).get("results", {})
+    return {f"{task}/{key.split(',')[0]}": value for task, scores in results.items() for key, value in scores.items()
+            if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
+
+
+def _summarize(base: Path, run: Run, code: int, wall: float, evaluated: bool = False) -> dict:
     cfg = load_run_config(base, run.overrides)
     row = {"run": run.name, "n_layer": run.n_layer, "n_embd": run.n_embd, "lr": run.lr,
            "params": cfg.model.num_params(), "tokens": run.tokens,
@@ -128,12 +167,13 @@ def _summarize(base: Path, run: Run, code: int, wall: float) -> dict:
            "model_flops": 3 * cfg.model.flops_per_token_fwd() * run.tokens, "train_loss": "", "val_loss": "",
            "wall_s": round(wall, 2), "status": "failed"}
     metrics = run.out_dir / "metrics.jsonl"
-    if code == 0 and metrics.is_file():
+    scores = eval_columns(run.out_dir) if evaluated else {}
+    if code == 0 and metrics.is_file() and (scores or not evaluated):
         records = read_metrics(metrics)
         losses = [r["loss"] for r in records if r.get("applied")]
         vals = [r["val_loss"] for r in records if "val_loss" in r]
         tail = losses[-max(len(losses) // 10, 1):]  # the last 10% of steps: less noisy than the final batch
-        row.update(train_loss=sum(tail) / len(tail), val_loss=vals[-1] if vals else "", status="done")
+        row.update(train_loss=sum(tail) / len(tail), val_loss=vals[-1] if vals else "", status="done", **scores)
     return row
 
 
@@ -148,7 +188,8 @@ def write_table(out_dir: Path, runs: list[Run]) -> Path:
     import io
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    extra = sorted({k for row in rows for k in row} - set(COLUMNS))  # eval columns TASK/METRIC
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS + extra, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_atomic(path, buf.getvalue())
@@ -165,6 +206,8 @@ def run_sweep(path: str | Path, address: str = "local", dry_run: bool = False, e
          f"at most {sweep.max_concurrent} at a time")
     for run in todo:
         echo(f"  {run.name}: {' '.join(_train_command(base, run, res.workers_per_run)[1:])}")
+        if sweep.eval:
+            echo(f"    then: {' '.join(_eval_command(sweep, Path(path).parent, run)[1:])}")
     if dry_run:
         return Path(sweep.out_dir) / "results.csv"
     import ray
@@ -184,16 +227,18 @@ def run_sweep(path: str | Path, address: str = "local", dry_run: bool = False, e
                 run = pending.pop(0)
                 run.out_dir.mkdir(parents=True, exist_ok=True)
                 ref = task.remote(_train_command(base, run, res.workers_per_run), os.getcwd(),
-                                  str((run.out_dir / "train.log").resolve()))
+                                  str((run.out_dir / "train.log").resolve()),
+                                  _eval_command(sweep, Path(path).parent, run))
                 waiting[ref] = run
             ready, _ = ray.wait(list(waiting), num_returns=1)
             run = waiting.pop(ready[0])
             code, wall = ray.get(ready[0])
-            row = _summarize(base, run, code, wall)
+            row = _summarize(base, run, code, wall, evaluated=sweep.eval is not None)
             write_atomic(run.out_dir / RESULT, json.dumps(row) + "\n")
             table = write_table(Path(sweep.out_dir), runs)
             done = row["status"] == "done"
-            loss = f"train {row['train_loss']:.4f}" if done else f"exit {code}, see {run.out_dir}/train.log"
+            logs = f"{run.out_dir}/train.log" + (" and eval.log" if sweep.eval else "")
+            loss = f"train {row['train_loss']:.4f}" if done else f"exit {code}, see {logs}"
             echo(f"  {run.name}: {row['status']} in {wall:.0f} s ({loss})")
             if row["status"] != "done":
                 failed.append(run.name)
