@@ -321,7 +321,7 @@ def test_the_paper_preset_lists_lm_eval_tasks_beside_the_official_figures():
 
     names = expand_tasks(["rwkv-paper", "piqa"])
     assert names == paper_suite()["tasks"] and len(names) == 12
-    task_manager(names)  # every one is a task of lm-eval 0.4.13 (or this raises)
+    task_manager(names, [TASKS])  # every one is a task of lm-eval 0.4.13 (or this raises); index cached above
     official = paper_suite()["official"]
     assert len(official) == 6 and official["RWKV-4-Pile-14B-20230213-8019"]["lambada_openai"]["acc"] == 71.05
     table = paper_comparison({"results": {"lambada_openai": {"acc,none": 0.5, "perplexity,none": 12.0},
