@@ -33,6 +33,7 @@ bench: setup
 	$(PY) bench/data_loader.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/zero3_memory.py
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) build *.egg-info

@@ -120,7 +120,11 @@ class ScheduleConfig(Section):
 
 
 class ParallelConfig(Section):
-    strategy: Literal["zero3", "ddp"] = "zero3"
+    strategy: Literal["zero3", "ddp", "pipeline"] = "zero3"
+    pipeline_stages: int = Field(default=1, ge=1, description="pipeline: stages P; data-parallel degree = world / P")
+    stage_layers: list[int] | None = Field(default=None, description="pipeline: blocks per stage (default: balanced "
+                                                                       "by parameter count)")
+    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     offload_optimizer: bool = False
     offload_params: bool = False
     activation_checkpointing: bool = False
@@ -184,19 +188,52 @@ class RunConfig(Section):
         if self.optimizer.lr_final > self.optimizer.lr_init:
             raise ValueError(f"optimizer.lr_final ({self.optimizer.lr_final}) exceeds lr_init ({self.optimizer.lr_init})")
         for flag in ("offload_params", "offload_optimizer"):
-            if getattr(self.parallel, flag) and self.parallel.strategy != "zero3":
-                raise ValueError(f"parallel.{flag} needs strategy zero3")
+            if getattr(self.parallel, flag) and self.parallel.strategy not in ("zero3", "pipeline"):
+                raise ValueError(f"parallel.{flag} needs strategy zero3 or pipeline")
+        self._check_pipeline()
         if self.schedule.global_batch_size % (self.schedule.micro_batch_size * self.schedule.grad_accum):
             raise ValueError(f"schedule.global_batch_size ({self.schedule.global_batch_size}) is not a multiple of "
                              f"micro_batch_size x grad_accum ({self.schedule.micro_batch_size} x {self.schedule.grad_accum})")
         return self
 
+    def _check_pipeline(self) -> None:
+        p, L = self.parallel, self.model.n_layer
+        if p.strategy != "pipeline":
+            if p.pipeline_stages != 1 or p.stage_layers is not None:
+                raise ValueError(f"parallel.pipeline_stages / stage_layers need strategy pipeline (strategy is "
+                                 f"{p.strategy})")
+            return
+        if p.pipeline_stages > L:
+            raise ValueError(f"parallel.pipeline_stages ({p.pipeline_stages}) exceeds model.n_layer ({L}): every stage "
+                             f"needs a block")
+        if p.stage_layers is not None:
+            if len(p.stage_layers) != p.pipeline_stages:
+                raise ValueError(f"parallel.stage_layers has {len(p.stage_layers)} entries for "
+                                 f"{p.pipeline_stages} pipeline stages")
+            if any(n < 1 for n in p.stage_layers):
+                raise ValueError(f"parallel.stage_layers {p.stage_layers}: every stage needs at least one block")
+            if sum(p.stage_layers) != L:
+                raise ValueError(f"parallel.stage_layers {p.stage_layers} sums to {sum(p.stage_layers)}, "
+                                 f"model.n_layer is {L}")
+        if self.schedule.grad_accum < p.pipeline_stages:
+            raise ValueError(f"schedule.grad_accum ({self.schedule.grad_accum}) is below parallel.pipeline_stages "
+                             f"({p.pipeline_stages}): a pipeline needs at least one micro-batch per stage per step")
+
+    @property
+    def pipeline_stages(self) -> int:
+        return self.parallel.pipeline_stages if self.parallel.strategy == "pipeline" else 1
+
     def check_world_size(self, world_size: int, source: str = "config") -> None:
-        """micro_batch_size x grad_accum x world_size must equal global_batch_size (known only once ranks exist)."""
-        s = self.schedule
-        if s.micro_batch_size * s.grad_accum * world_size != s.global_batch_size:
-            raise ConfigError(f"{source}: schedule.micro_batch_size x grad_accum x world size = {s.micro_batch_size} x "
-                              f"{s.grad_accum} x {world_size} = {s.micro_batch_size * s.grad_accum * world_size}, "
+        """The world must split into pipeline_stages x data-parallel ranks, and micro_batch_size x grad_accum x
+        data-parallel ranks must equal global_batch_size (known only once ranks exist)."""
+        s, P = self.schedule, self.pipeline_stages
+        if world_size % P:
+            raise ConfigError(f"{source}: parallel.pipeline_stages ({P}) does not divide the world size ({world_size})")
+        dp = world_size // P
+        if s.micro_batch_size * s.grad_accum * dp != s.global_batch_size:
+            what = "world size" if P == 1 else f"data-parallel ranks (world {world_size} / {P} stages)"
+            raise ConfigError(f"{source}: schedule.micro_batch_size x grad_accum x {what} = {s.micro_batch_size} x "
+                              f"{s.grad_accum} x {dp} = {s.micro_batch_size * s.grad_accum * dp}, "
                               f"but global_batch_size is {s.global_batch_size}")
 
 

@@ -85,7 +85,7 @@ def test_paper_parameter_count_formula():
     assert sum(p.numel() for p in model.parameters()) == model.cfg.num_params()
 
 
-# ---- initialization: each rule of DESIGN §3 recomputed here from its formula ----
+# ---- initialization: each rule of the official init (model/init.py) recomputed here from its formula ----
 
 L, D, V = 4, 48, 200
 

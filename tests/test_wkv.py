@@ -1,4 +1,5 @@
-"""WKV operator: every backend against an independent float64 evaluation of the closed form (DESIGN §3).
+"""WKV operator: every backend against an independent float64 evaluation of the closed form
+    WKV_t = (Σ_{i<t} e^{(t-1-i)w+k_i} v_i + e^{u+k_t} v_t) / (Σ_{i<t} e^{(t-1-i)w+k_i} + e^{u+k_t}).
 
 The closed form sums e^{(t-1-i) w + k_i} over the whole prefix directly (O(T^2)), with no recurrence and no running
 exponent, so it shares no code or structure with the kernels."""

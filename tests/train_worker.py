@@ -45,7 +45,7 @@ trainer = Trainer(load_run_config(config, overrides), source=config)
 trainer.run()
 tokens = torch.randint(0, trainer.cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
 logits = trainer.logits(tokens)
-if trainer.world.is_main:
+if logits is not None:  # on the rank that reports (under a pipeline: the last stage)
     torch.save({"tokens": tokens, "logits": logits}, trainer.out / "engine_logits.pt")
 folder = trainer.out / "collectives"
 folder.mkdir(exist_ok=True)

@@ -60,27 +60,30 @@ def orthogonal_gain(rows: int, cols: int) -> float:
 
 @contextmanager
 def _in_place(param: nn.Parameter):
-    yield True
+    yield param
 
 
 @torch.no_grad()
 def init_weights(model: nn.Module, edit=_in_place) -> None:
     """Apply the rules above in place to an RWKV model (rwkv_dist.model.RWKV).
 
-    edit(param) is a context manager yielding whether this process writes `param`: the default writes in place; a
-    sharded model (ZeRO-3 construction) gathers the parameter and lets one rank write it. Parameters are visited in
-    one fixed order, so the writing process draws the same random numbers either way."""
+    edit(param) is a context manager yielding the tensor this process writes `param`'s values into, or None: the
+    default writes in place; a sharded model (ZeRO-3 construction) gathers the parameter and lets one rank write it;
+    a pipeline stage writes its own parameters and draws the others into scratch space. Parameters are visited in
+    one fixed order, so the writing process draws the same random numbers in every case."""
     cfg = model.cfg
     D = cfg.n_embd
 
     def put(param: nn.Parameter, fill) -> None:
-        with edit(param) as write:
-            if write and param.dtype == torch.float32:
-                fill(param)
-            elif write:  # a low-precision parameter gets the fp32 values rounded (QR has no bf16 kernel)
-                full = torch.empty(param.shape, dtype=torch.float32, device=param.device)
+        with edit(param) as target:
+            if target is None:
+                return
+            if target.dtype == torch.float32:
+                fill(target)
+            else:  # a low-precision parameter gets the fp32 values rounded (QR has no bf16 kernel)
+                full = torch.empty(target.shape, dtype=torch.float32, device=target.device)
                 fill(full)
-                param.copy_(full)
+                target.copy_(full)
 
     put(model.emb.weight, lambda w: w.uniform_(-EMBEDDING_SCALE, EMBEDDING_SCALE))
     put(model.head.weight, lambda w: nn.init.orthogonal_(w, gain=HEAD_GAIN_SCALE * orthogonal_gain(*w.shape)))

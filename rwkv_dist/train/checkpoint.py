@@ -42,6 +42,7 @@ LATEST = "latest"
 UNIVERSAL = "universal"
 FORMAT = "rwkv_dist.checkpoint/1"
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
+_MP_FILE = re.compile(r"mp_rank_(\d+)_")
 
 
 def step_name(step: int) -> str:
@@ -192,13 +193,13 @@ def pickle_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob("*.pt")) + sorted(folder.rglob("*.pth"))
 
 
-def rank_files(folder: Path, rank: int) -> list[Path]:
-    """The pickles DeepSpeed opens on `rank` when it loads `folder`: the shared files and the rank's own ZeRO
-    partition (`zero_pp_rank_R_...`), not the partitions of other ranks."""
+def rank_files(folder: Path, dp_rank: int, mp_rank: int = 0) -> list[Path]:
+    """The pickles DeepSpeed opens on one rank when it loads `folder`: the shared files of its model-parallel rank
+    (a pipeline stage) and its own ZeRO partition (`zero_pp_rank_{dp}_mp_rank_{mp}_...`), not those of other ranks."""
     files = []
     for path in pickle_files(folder):
-        match = _RANK_FILE.search(path.name)
-        if match is None or int(match.group(1)) == rank:
+        dp, mp = _RANK_FILE.search(path.name), _MP_FILE.search(path.name)
+        if (dp is None or int(dp.group(1)) == dp_rank) and (mp is None or int(mp.group(1)) == mp_rank):
             files.append(path)
     return files
 

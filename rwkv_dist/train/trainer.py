@@ -1,23 +1,22 @@
-"""The trainer: RWKV-4 on a DeepSpeed engine, fed by the streaming loader, checkpointed and resumable exactly.
+"""The trainer: RWKV-4 under a parallel strategy, fed by the streaming loader, checkpointed and resumable exactly.
 
-One optimizer step, on every rank:
-    for each of grad_accum micro-batches: logits = engine(x); loss = CE(logits, y) [+ L2Wrap]; engine.backward(loss)
-    engine.step()   # at the accumulation boundary: reduce gradients, clip, AdamW (fp32 master weights), re-shard
-Strategies (parallelism wraps the model from outside; rwkv_dist.model knows nothing of it):
-    zero3  DeepSpeed ZeRO-3: parameters, gradients and optimizer state sharded over ranks (optional CPU offload)
-    ddp    DeepSpeed ZeRO-0: plain data parallel, every rank holds everything, gradients all-reduced
-Data. Micro-batch j of rank r reads the stream of virtual rank r * grad_accum + j out of world_size * grad_accum, so a
-step's global batch is the same for every factorization of world_size x grad_accum: 1 process with grad_accum 2 trains
-on exactly what 2 processes with grad_accum 1 do.
+One optimizer step, on every rank: the strategy (rwkv_dist.parallel) runs the step's grad_accum micro-batches forward
+and backward and applies the update:
+    zero3 / ddp  DataParallel: one DeepSpeed engine over the whole model (ZeRO-3 sharded, or replicated)
+    pipeline     PipelineParallel: the blocks cut into stages, one ZeRO-3 engine per stage over its replicas, 1F1B
+The trainer owns what does not depend on the strategy: the LR schedule, the data, the loss and guard bookkeeping,
+checkpoint commits, validation, reporting.
+Data. Micro-batch j of data-parallel rank r reads the stream of virtual rank r * grad_accum + j out of
+dp_size * grad_accum, so a step's global batch is the same for every factorization of ranks x grad_accum, and a
+pipeline run reads what a data-parallel run of the same global batch reads.
 Guards. A step whose gradients are not finite is not applied (DeepSpeed skips it on a non-finite global norm; the
-optimizer refuses non-finite gradients where DeepSpeed does not look) and is counted; `guard.max_bad_steps` of them in a
-row roll the model and optimizer back to the last checkpoint while the data stream moves on past the bad batches
+optimizer refuses non-finite gradients where DeepSpeed does not look) and is counted; `guard.max_bad_steps` of them in
+a row roll the model and optimizer back to the last checkpoint while the data stream moves on past the bad batches
 (PaLM's recipe). Loss spikes are logged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -36,104 +35,17 @@ from ..data import Source, TokenLoader, load_manifest, validation_batches
 from ..data.shards import check_same_tokenizer, read_bytes, shard_url
 from ..data.tokenizer import MODEL_FILE
 from ..errors import CheckpointError, ConfigError, DataError, RWKVDistError
-from ..model import RWKV
-from ..model.init import init_weights
 from . import distributed
 from .checkpoint import (CheckpointStore, check_pickles, read_complete, read_rank_rng, read_rank_states, rank_files,
                          step_name, universal_checkpoint)
 from .hardware import choose_precision, detect_peak_flops, mfu
-from .l2wrap import l2wrap
 from .loss import token_cross_entropy
 from .observe import Reporter, memory_bytes
-from .optim import lr_at, param_groups
+from .optim import lr_at
 
 
 class TrainingError(RWKVDistError):
     """The run cannot go on (e.g. non-finite steps persist after the allowed rollbacks)."""
-
-
-class GuardedAdamW(torch.optim.AdamW):
-    """torch AdamW (bit-exact resume, unlike DeepSpeed's fused/CPU Adam) that refuses to apply non-finite gradients
-    and records whether it stepped. Under ZeRO-3 and bf16 DeepSpeed has already skipped such a step globally; under
-    fp32 ZeRO-0 the gradients are all-reduced before this runs, so every rank takes the same decision."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.stepped = False
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):  # one device sync
-            return None
-        self.stepped = True
-        return super().step(closure)
-
-
-def deepspeed_config(cfg: RunConfig, device: torch.device, load_universal: bool = False) -> dict:
-    """cfg.precision is already resolved (bf16 | fp32). load_universal: the engine will load a universal checkpoint
-    (a resume on another world size)."""
-    s, p = cfg.schedule, cfg.parallel
-    zero: dict = {"stage": 3 if p.strategy == "zero3" else 0}
-    pin = device.type == "cuda"
-    if p.strategy == "zero3":
-        zero.update(stage3_param_persistence_threshold=p.persistence_threshold, contiguous_gradients=True,
-                    overlap_comm=device.type == "cuda")
-        if p.offload_params:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
-        if p.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
-    return {
-        "train_batch_size": s.global_batch_size,
-        "train_micro_batch_size_per_gpu": s.micro_batch_size,
-        "gradient_accumulation_steps": s.grad_accum,
-        "gradient_clipping": cfg.optimizer.grad_clip,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "zero_optimization": zero,
-        "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,  # torch AdamW on offloaded partitions: exact resume
-        "steps_per_print": 10**12,
-        "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": load_universal},
-    }
-
-
-def build_model(cfg: RunConfig, ds_config: dict, world: distributed.World) -> RWKV:
-    """The initialized model. Under zero3 it is built already sharded (deepspeed.zero.Init: no rank ever holds the
-    whole model, which a 14B run could not afford on every rank) and initialized one gathered parameter at a time by
-    rank 0, which draws the same random numbers as an unsharded build: every strategy starts from the same weights."""
-    torch.manual_seed(cfg.seed)
-    if cfg.parallel.strategy != "zero3":
-        return RWKV(cfg.model)
-    import deepspeed
-
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if cfg.parallel.offload_params else None):
-        model = RWKV(cfg.model, init=False)
-
-    @contextlib.contextmanager
-    def gathered(param):
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            yield world.is_main
-
-    init_weights(model, edit=gathered)
-    return model
-
-
-def with_activation_checkpointing(model: RWKV) -> RWKV:
-    """Recompute each block's activations in the backward instead of storing them (one extra forward, ~1/3 more
-    FLOPs, activation memory per block down to its input)."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.blocks:
-        inner = block.forward
-
-        def forward(x, state=None, _inner=inner):
-            if state is None and torch.is_grad_enabled():
-                return checkpoint(_inner, x, None, use_reentrant=False)
-            return _inner(x, state)
-
-        block.forward = forward
-    return model
 
 
 @dataclass
@@ -167,23 +79,24 @@ class Trainer:
             self._check_compatible(self.resume_from, saved)
             load_from = self._engine_checkpoint(self.resume_from)
 
-        import deepspeed
-
-        ds_config = deepspeed_config(cfg, self.world.device, load_universal=load_from != self.resume_from)
-        model = build_model(cfg, ds_config, self.world)
-        if cfg.parallel.activation_checkpointing:
-            model = with_activation_checkpointing(model)
-        o = cfg.optimizer
-        self.optimizer = GuardedAdamW(param_groups(model, o), lr=o.lr_init, betas=o.betas, eps=o.eps)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config,
-                                               dist_init_required=False)
+        self.universal = load_from is not None and load_from != self.resume_from
+        if cfg.parallel.strategy == "pipeline":
+            from ..parallel.pipeline import PipelineParallel as Strategy
+        else:
+            from ..parallel.data_parallel import DataParallel as Strategy
+        self.strategy = Strategy(cfg, self.world, load_universal=self.universal)
+        self.optimizer = self.strategy.optimizer
+        # rank 0 of the ranks that compute the loss reports; under a pipeline that is on the last stage
+        self.is_reporter = self.strategy.holds_loss and self.strategy.dp_rank == 0
         self.state = TrainState()
         s, a = cfg.schedule, cfg.schedule.grad_accum
         sources = [Source(x.location, x.weight, x.name) for x in cfg.data.sources]
-        self.loaders = [TokenLoader(sources, cfg.model.ctx_len, s.micro_batch_size, rank=self.world.rank * a + j,
-                                    world_size=self.world.size * a, num_workers=cfg.data.num_workers, seed=cfg.seed,
+        dp_rank, dp_size = self.strategy.dp_rank, self.strategy.dp_size
+        self.loaders = [TokenLoader(sources, cfg.model.ctx_len, s.micro_batch_size, rank=dp_rank * a + j,
+                                    world_size=dp_size * a, num_workers=cfg.data.num_workers, seed=cfg.seed,
                                     on_error=cfg.data.on_error, tokenizer_sha256=self.tokenizer_sha256)
-                        for j in range(a)]
+                        for j in range(a)] if self.strategy.needs_data else []
+
         if self.resume_from is not None:
             self._restore(self.resume_from, data=True, engine_folder=load_from)
         self.streams = [iter(loader) for loader in self.loaders]
@@ -225,7 +138,8 @@ class Trainer:
         saved = json.loads(json.dumps(saved))
         for cfg in (saved, now):
             cfg["data"]["sources"] = [{k: v for k, v in src.items() if k != "location"} for src in cfg["data"]["sources"]]
-        for key in ("model", "precision", "seed", "parallel.strategy", "data.sources"):
+        for key in ("model", "precision", "seed", "parallel.strategy", "parallel.pipeline_stages",
+                    "parallel.stage_layers", "data.sources"):
             a, b = saved, now
             for part in key.split("."):
                 a, b = (a or {}).get(part), (b or {}).get(part)
@@ -240,6 +154,9 @@ class Trainer:
         if saved_world == self.world.size:
             return folder
         strategy, precision = self.cfg.parallel.strategy, self.cfg.precision
+        if strategy == "pipeline":
+            raise CheckpointError(f"{folder}: written by {saved_world} rank(s); a pipeline checkpoint resumes only on "
+                                  f"{saved_world} rank(s), this run has {self.world.size}")
         if strategy == "ddp" and precision == "bf16":
             raise CheckpointError(f"{folder}: written by {saved_world} rank(s); a bf16 ddp checkpoint resumes only on "
                                   f"{saved_world} rank(s), this run has {self.world.size}")
@@ -261,9 +178,9 @@ class Trainer:
         step, rank = self.state.step, self.world.rank
         tag, folder = self.store.begin(step, self.world.is_main)
         self.world.barrier()  # leftovers of an interrupted save are gone before anyone writes
-        self.engine.save_checkpoint(str(self.store.root), tag=tag, save_latest=False)
+        self.strategy.save(self.store.root, tag)
         state = {"rank": rank, "world_size": self.world.size, **asdict(self.state),
-                 "data": [loader.state_dict() for loader in self.loaders]}
+                 "data": [loader.state_dict() for loader in self.loaders] if self.strategy.owns_data_state else []}
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
@@ -272,21 +189,20 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)  # fault injection: the files are written, the commit is not
         self.world.barrier()
         if self.world.is_main:
-            final = self.store.commit(folder, step, self.world.size, yaml.safe_dump(self.cfg.model_dump(mode="json")),
-                                      self.tokenizer_bytes, self.cfg.checkpoint.keep_last)
-            self.reporter.print(f"checkpoint {final}")
+            self.store.commit(folder, step, self.world.size, yaml.safe_dump(self.cfg.model_dump(mode="json")),
+                              self.tokenizer_bytes, self.cfg.checkpoint.keep_last)
         self.world.barrier()
+        self.reporter.print(f"checkpoint {self.store.root / step_name(step)}")
         if self.on_checkpoint is not None:
             self.on_checkpoint(step, self.store.root / step_name(step))
 
     def _restore(self, folder: Path, data: bool, engine_folder: Path | None = None) -> None:
         """Engine state from `engine_folder` (default: `folder`), trainer and data state from `folder`."""
         engine_folder = engine_folder or folder
-        check_pickles(engine_folder, rank_files(engine_folder, self.world.rank))  # only what this rank will read
+        # only what this rank will read (a universal copy is read whole by every rank)
+        check_pickles(engine_folder, None if engine_folder != folder else self.strategy.files_to_check(engine_folder))
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        path, _ = self.engine.load_checkpoint(str(engine_folder.parent), tag=engine_folder.name,
-                                              load_module_strict=True)
-        if path is None:
+        if not self.strategy.load(engine_folder):
             raise CheckpointError(f"{engine_folder}: DeepSpeed found no engine state in it")
         # A universal load gives every group the settings of group 0, and every parameter the same `step` tensor
         # object, which AdamW then increments once per group per step: restore the settings, unshare the counters.
@@ -320,34 +236,19 @@ class Trainer:
             group["lr"] = lr * group["lr_mult"]
         self.optimizer.stepped = False
         self.lr = lr
-        losses, norm = [], None
-        for j, stream in enumerate(self.streams):
-            batch = next(stream)
-            x, y = batch.inputs.to(self.world.device), batch.targets.to(self.world.device)
-            logits = self.engine(x)
-            loss = token_cross_entropy(logits, y)
-            if j == 0 and self.world.is_main and step in self.cfg.faults.nan_loss_at_steps and step not in self._fired:
-                self._fired.add(step)  # a transient fault: it does not recur when a rollback replays the step
-                loss = loss * float("nan")
-            losses.append(loss.detach())
-            self.engine.backward(l2wrap(loss, logits) if self.cfg.l2wrap else loss)
-            if j == len(self.streams) - 1:
-                norm = self._replicated_grad_norm()
-            self.engine.step()
-        local = torch.stack(losses).double().mean().item()  # one device sync per step, not one per micro-batch
-        mean_loss, applied = self.world.mean([local, float(self.optimizer.stepped)])
-        if norm is None:
-            norm = self.engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else None
-        return mean_loss, applied == 1.0, norm
+        batches = [next(stream) for stream in self.streams]
+        corrupt = None
+        if self.is_reporter and step in self.cfg.faults.nan_loss_at_steps and step not in self._fired:
+            self._fired.add(step)  # a transient fault: it does not recur when a rollback replays the step
 
-    def _replicated_grad_norm(self) -> float | None:
-        """The global gradient norm where DeepSpeed keeps none: fp32 ZeRO-0 clips the module's (already all-reduced,
-        identical) gradients in place without recording the norm. Elsewhere None: DeepSpeed's own is used."""
-        if self.cfg.parallel.strategy != "ddp" or self.cfg.precision != "fp32":
-            return None
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+            def corrupt(loss):
+                return loss * float("nan")
+
+        losses, norm = self.strategy.train_step([(b.inputs, b.targets) for b in batches], corrupt)
+        local = torch.stack(losses).double().sum().item() if losses else 0.0  # one device sync per step
+        total, count, stepped = self.world.sum(torch.tensor([local, len(losses), float(self.optimizer.stepped)],
+                                                            dtype=torch.float64)).tolist()
+        return total / count, stepped == self.world.size, norm
 
     def _rollback(self) -> None:
         st = self.state
@@ -375,52 +276,28 @@ class Trainer:
             self._val_batches = list(validation_batches(self.cfg.data.val, self.cfg.model.ctx_len,
                                                         self.cfg.schedule.micro_batch_size,
                                                         max_batches=self.cfg.logging.val_batches))
-        batches, W = self._val_batches, self.world.size
+        batches, W = self._val_batches, self.strategy.dp_size
         if not batches:
             return None
-        mine = batches[self.world.rank :: W]
+        mine = batches[self.strategy.dp_rank :: W]
         sums = torch.zeros(2, dtype=torch.float64)
-        self.engine.eval()
-        with torch.no_grad():
-            for i in range(math.ceil(len(batches) / W)):
-                x, y = mine[i] if i < len(mine) else batches[0]
-                logits = self.engine(x.to(self.world.device))
-                if i < len(mine):
-                    sums[0] += token_cross_entropy(logits, y, reduction="sum").item()
-                    sums[1] += y.numel()
-        self.engine.train()
+        for i in range(math.ceil(len(batches) / W)):
+            x, y = mine[i] if i < len(mine) else batches[0]
+            logits = self.strategy.forward_logits(x)
+            if logits is not None and i < len(mine):
+                sums[0] += token_cross_entropy(logits, y, reduction="sum").item()
+                sums[1] += y.numel()
         total, count = self.world.sum(sums).tolist()
         return total / count
 
     def model_state(self) -> dict:
         """Elements and bytes of parameters, fp32 master copies and optimizer moments held by this rank."""
-        params = total = nbytes = 0
-        seen = set()
-        for p in self.engine.module.parameters():
-            full = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-            held = full if getattr(p, "ds_persist", True) else p.ds_tensor.numel()  # persistent: whole on every rank
-            params, total, nbytes = params + held, total + full, nbytes + held * p.element_size()
-            seen.add(id(p))
-        wrapper = self.engine.optimizer
-        masters = getattr(wrapper, "fp32_partitioned_groups_flat", None)  # ZeRO-3
-        if masters is None:  # bf16 ZeRO-0 keeps lists of fp32 copies; fp32 ZeRO-0 steps the parameters themselves
-            groups = getattr(wrapper, "fp32_groups", [])
-            masters = [t for group in groups for t in (group if isinstance(group, (list, tuple)) else [group])]
-        for t in masters:
-            if id(t) not in seen:
-                nbytes += t.numel() * t.element_size()
-        for st in self.optimizer.state.values():
-            nbytes += sum(t.numel() * t.element_size() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
-        return {"rank": self.world.rank, "world_size": self.world.size, "param_elements_held": params,
-                "param_elements_total": total, "model_state_bytes": nbytes}
+        return self.strategy.model_state()
 
-    @torch.no_grad()
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The training model's logits (a collective under ZeRO-3: call on every rank)."""
-        self.engine.eval()
-        out = self.engine(tokens.to(self.world.device)).float().cpu()
-        self.engine.train()
-        return out
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The training model's logits on the reporting rank, None elsewhere (a collective: call on every rank)."""
+        out = self.strategy.forward_logits(tokens)
+        return out.float().cpu() if out is not None and self.is_reporter else None
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         value = mfu(self.flops_per_token, tokens_per_s, self.world.size, self.peak_flops)
@@ -434,7 +311,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------------------------------
     def run(self) -> dict:
         cfg, st, log = self.cfg, self.state, self.cfg.logging
-        self.reporter = Reporter(self.out, self.world.is_main, cfg.schedule.steps, st.step, log.every_steps,
+        self.reporter = Reporter(self.out, self.is_reporter, cfg.schedule.steps, st.step, log.every_steps,
                                  resumed=self.resume_from is not None)
         workers = self.out / "workers"  # which process is which rank, for operators (and the fault tests)
         workers.mkdir(parents=True, exist_ok=True)
@@ -442,10 +319,16 @@ class Trainer:
             {"rank": self.world.rank, "pid": os.getpid(), "host": socket.gethostname(), "start_step": st.step}) + "\n")
         if self.world.is_main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-            params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
+        if self.is_reporter:
             where = f"resumed from {self.resume_from}" if self.resume_from else "from scratch"
-            self.reporter.print(f"{cfg.name}: RWKV-4 L{cfg.model.n_layer} D{cfg.model.n_embd} ({params:,} parameters), "
-                                f"{cfg.parallel.strategy} on {self.world.size} rank(s), {where} at step {st.step}")
+            layout = cfg.parallel.strategy
+            if cfg.parallel.strategy == "pipeline":
+                L = self.strategy.layout
+                layout = (f"pipeline {L.stages} stages x {L.replicas} replicas ({cfg.parallel.pipeline_schedule}, "
+                          f"ZeRO-3 in each stage)")
+            self.reporter.print(f"{cfg.name}: RWKV-4 L{cfg.model.n_layer} D{cfg.model.n_embd} "
+                                f"({cfg.model.num_params():,} parameters), {layout} on {self.world.size} rank(s), "
+                                f"{where} at step {st.step}")
             self.reporter.print(f"precision {cfg.precision} ({self.precision_reason}); peak "
                                 f"{self.peak_flops / 1e12:.3g} TFLOP/s/device ({self.peak_source})")
         bad_streak, val_loss, started, steps_run = 0, None, time.time(), 0
@@ -479,7 +362,8 @@ class Trainer:
             record = {"step": st.step, "loss": loss, "lr": self.lr, "grad_norm": norm if applied else None,
                       "applied": applied, "tokens": st.tokens, "tokens_per_s": tokens_per_s,
                       "mfu": self._mfu(tokens_per_s), "memory_bytes": memory_bytes(self.world.device),
-                      "skipped_steps": st.skipped_steps, "rollbacks": st.rollbacks, "loss_spikes": st.loss_spikes}
+                      "skipped_steps": st.skipped_steps, "rollbacks": st.rollbacks, "loss_spikes": st.loss_spikes,
+                      **getattr(self.strategy, "step_stats", {})}
             self.reporter.step(record, write_scalars=st.step % log.every_steps == 0 or st.step == cfg.schedule.steps)
             if bad_streak >= cfg.guard.max_bad_steps:
                 self._rollback()

@@ -32,17 +32,45 @@ def checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunCo
     cfg = checkpoint_config(folder)
     check_pickles(folder)
     if cfg.parallel.strategy == "zero3":
-        import contextlib
-        import io
-
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        chatter = io.StringIO()  # DeepSpeed narrates each file and draws progress bars
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+        sd = _zero3_weights(folder)
+    elif cfg.parallel.strategy == "pipeline":
+        sd = _pipeline_weights(folder, cfg)
     else:
         sd = _replicated_weights(folder, cfg)
     return {k: v.float().contiguous() for k, v in sd.items()}, cfg, folder
+
+
+def _zero3_weights(folder: Path) -> dict[str, torch.Tensor]:
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    chatter = io.StringIO()  # DeepSpeed narrates each file and draws progress bars
+    with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+
+
+def _pipeline_weights(folder: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Each stage's files carry its model-parallel rank (mp_rank_SS); DeepSpeed's consolidation reads one such rank
+    at a time, so each stage is presented to it alone, under rank 00, in a scratch folder of links."""
+    import tempfile
+
+    sd: dict[str, torch.Tensor] = {}
+    for stage in range(cfg.parallel.pipeline_stages):
+        mine = sorted(folder.glob(f"*mp_rank_{stage:02d}_*.pt"))
+        if not mine:
+            raise CheckpointError(f"{folder}: no files of pipeline stage {stage} (mp_rank_{stage:02d})")
+        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+            view = Path(tmp) / folder.name
+            view.mkdir()
+            for f in mine:
+                (view / f.name.replace(f"mp_rank_{stage:02d}_", "mp_rank_00_")).symlink_to(f.resolve())
+            part = _zero3_weights(view)
+        if set(part) & set(sd):
+            raise CheckpointError(f"{folder}: stage {stage} repeats parameters of an earlier stage")
+        sd.update(part)
+    return sd
 
 
 def _replicated_weights(folder: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
