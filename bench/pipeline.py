@@ -1,7 +1,8 @@
 """Pipeline parallelism (ZeRO-3 inside every stage) against ZeRO-3 data parallelism and one process, on CPU (gloo).
 
 Part 1, one model of >= 8 blocks, the same global batch everywhere:
-    1 process (ZeRO-3, grad_accum 4) | zero3 on 4 ranks | pipeline P=2 x DP=2 (1F1B)
+    1 process (ZeRO-3, grad_accum 4) | zero3 on 4 ranks | pipeline P=2 x DP=2 (1F1B), parameters gathered per
+    micro-batch and once per step
   per-rank model-state bytes (parameters + fp32 masters + Adam moments, from OUT/ranks/) and the median step time.
 Part 2, the pipeline bubble: P=2 x DP=1 for m = P, 2P, 4P micro-batches per step; the measured idle share of the last
   stage (time blocked waiting for the other stage / step time, metrics.jsonl `pipeline_idle`) against the 1F1B
@@ -63,8 +64,10 @@ def main() -> None:
         runs = {
             "1 process (zero3, accum 4)": (1, [*batch, "schedule.grad_accum=4"]),
             "zero3, 4 ranks": (4, [*batch, "schedule.grad_accum=1"]),
-            "pipeline P=2 x DP=2 (1F1B)": (4, [*batch, "schedule.grad_accum=2", "parallel.strategy=pipeline",
-                                               "parallel.pipeline_stages=2"]),
+            "pipeline P=2 x DP=2, gather/micro": (4, [*batch, "schedule.grad_accum=2", "parallel.strategy=pipeline",
+                                                      "parallel.pipeline_stages=2"]),
+            "pipeline P=2 x DP=2, gather/step": (4, [*batch, "schedule.grad_accum=2", "parallel.strategy=pipeline",
+                                                     "parallel.pipeline_stages=2", "parallel.pipeline_gather=step"]),
         }
         print(f"model L{args.layers} D{args.embd}, ctx 64, global batch 8, fp32, {args.steps} steps\n")
         print(f"{'layout':32s} {'model-state bytes/rank':>24s} {'vs 1 process':>13s} {'step s':>8s} {'vs 1 process':>13s}")

@@ -125,6 +125,10 @@ class ParallelConfig(Section):
     stage_layers: list[int] | None = Field(default=None, description="pipeline: blocks per stage (default: balanced "
                                                                        "by parameter count)")
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    pipeline_gather: Literal["micro_batch", "step"] = Field(
+        default="micro_batch", description="pipeline: all-gather each stage's parameters for every micro-batch (true "
+                                           "ZeRO-3, least memory) or once per step, kept whole until the update "
+                                           "(fewer all-gathers, the stage's full parameters resident during the step)")
     offload_optimizer: bool = False
     offload_params: bool = False
     activation_checkpointing: bool = False
@@ -154,6 +158,31 @@ class GuardConfig(Section):
                                                                "of the last 100 steps is logged as a spike")
 
 
+class EvalConfig(Section):
+    """Downstream tasks (lm-evaluation-harness, the rwkv_dist backend) on the current weights during training, sharded
+    over the data-parallel ranks; scores go to TensorBoard (eval/TASK/METRIC) and metrics.jsonl
+    ({"step": S, "eval": {"TASK/METRIC": value}}). See rwkv_dist/evaluation/in_training.py."""
+
+    tasks: list[str] = Field(default=[], description="lm-eval task names (rwkv-paper: the paper's suite); empty: none")
+    every_steps: int = Field(default=0, ge=0, description="evaluate every this many steps and at the end; 0: only at "
+                                                          "the end")
+    limit: int | float | None = Field(default=None, description="documents per task: a count >= 1 or a fraction in "
+                                                                "(0, 1); default all")
+    include_path: str | None = Field(default=None, description="folder of local task YAMLs (relative paths: to the "
+                                                               "working directory, as lm-eval's data_files)")
+    num_fewshot: int | None = Field(default=None, ge=0, description="default: each task's own (0 where it sets none)")
+    batch_size: int = Field(default=8, ge=1, description="contexts per forward")
+
+    @model_validator(mode="after")
+    def _valid(self) -> "EvalConfig":
+        if any(not t.strip() for t in self.tasks):
+            raise ValueError(f"eval.tasks: an empty task name in {self.tasks}")
+        limit = self.limit
+        if limit is not None and not (isinstance(limit, int) and limit >= 1 or isinstance(limit, float) and 0 < limit < 1):
+            raise ValueError(f"eval.limit: a count of documents >= 1 or a fraction in (0, 1), got {limit!r}")
+        return self
+
+
 class FaultsConfig(Section):
     """Fault injection, for testing the guards and the checkpoint commit (leave empty in real runs)."""
 
@@ -178,6 +207,7 @@ class RunConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
     guard: GuardConfig = GuardConfig()
+    eval: EvalConfig = EvalConfig()
     faults: FaultsConfig = FaultsConfig()
 
     @model_validator(mode="after")

@@ -117,6 +117,30 @@ def test_metrics_come_from_the_stage_that_holds_the_loss(pipeline_runs):
     assert summary["steps"] == 6 and summary["val loss"] < 8
 
 
+def test_guards_and_activation_checkpointing_work_across_stages(pipeline_runs, data, tmp_path):
+    """A NaN loss on the last stage makes every stage skip the update (the global norm is non-finite everywhere); a
+    streak rolls every stage back to the last checkpoint; recomputed activations give the same numbers."""
+    out = tmp_path / "guarded"
+    done = run(data, out, 2, *pipe(2, 2, "parallel.activation_checkpointing=true", "schedule.steps=8",
+                                   "faults.nan_loss_at_steps=[3,5,6]", "guard.max_bad_steps=2"))
+    recs = raw_records(out)
+    assert [r["step"] for r in recs if not r["applied"]] == [3, 5, 6]
+    assert "rolling back to step_00000004" in done.stdout
+    assert [r["step"] for r in records(out)] == list(range(1, 9)) and records(out)[-1]["rollbacks"] == 1
+    ref = losses(pipeline_runs["p2"])
+    assert [losses(out)[s] for s in (1, 2)] == [ref[1], ref[2]]  # before the first fault: bitwise, recomputed or not
+    assert all(torch.isfinite(t).all() for t in weights(out).values())
+
+
+def test_generate_and_eval_read_a_pipeline_checkpoint(pipeline_runs, data):
+    done = run_cli("generate", pipeline_runs["p2d2"], "--prompt", "def ", "--max-tokens", "8", "--seed", "1")
+    assert done.returncode == 0 and done.stdout.startswith("def "), done.stderr[-2000:]
+    ref = run_cli("generate", pipeline_runs["one"], "--prompt", "def ", "--max-tokens", "8", "--seed", "1")
+    assert done.stdout == ref.stdout  # the same trained model
+    done = run_cli("eval", pipeline_runs["p2d2"], "--data", data, "--batch-size", "4", "--max-batches", "2")
+    assert done.returncode == 0 and "val loss" in done.stdout, done.stderr[-2000:]
+
+
 def _kill_all_at(proc: subprocess.Popen, out: Path, step: int) -> int:
     import psutil
 
@@ -153,7 +177,9 @@ def test_a_pipeline_on_four_ray_workers_survives_a_killed_worker(pipeline_runs, 
     from test_launch import RAY_ENV, kill_rank_when
 
     out = tmp_path / "ray"
-    proc = subprocess.Popen([sys.executable, "-m", "rwkv_dist.cli", "launch", *tiny(data, out, 4, *pipe(2, 4)),
+    # gathered once per step (the other gather setting) and still the training of the per-micro-batch torchrun run
+    layout = pipe(2, 4, "parallel.pipeline_gather=step")
+    proc = subprocess.Popen([sys.executable, "-m", "rwkv_dist.cli", "launch", *tiny(data, out, 4, *layout),
                              "--workers", "4", "--max-failures", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **RAY_ENV})
     killed_at = kill_rank_when(out, rank=3, step=3, proc=proc)

@@ -18,6 +18,11 @@ DeepSpeed's own PipelineEngine runs ZeRO-1 at most; one ZeRO-3 engine per stage 
 - ZeRO-3 copies rather than adds a gradient while its micro-step counter is 0, and moves that counter on at the next
   forward; two backwards in a row (GPipe, the 1F1B cool-down) move it on explicitly after each backward.
 
+Gathering (`parallel.pipeline_gather`). `micro_batch`: ZeRO-3 as usual, each parameter all-gathered for every use and
+released after it (2m gathers per step with m micro-batches). `step`: the stage's parameters are gathered once at
+the start of the step and marked persistent, so ZeRO-3's coordinator keeps them whole through every micro-batch;
+they are re-partitioned before the update (gradients are reduce-scattered as usual either way).
+
 Schedule. 1F1B (default): stage s runs min(P - s - 1, m) forwards, then alternates one forward and one backward, then
 drains the backwards, so at most P - s micro-batches' activations are alive and the idle fraction is
 (P - 1) / (m + P - 1). GPipe: all forwards, then all backwards. Backwards run in micro-batch order on every stage, as
@@ -273,6 +278,7 @@ class PipelineParallel:
         elsewhere). Returns the micro-batches' losses on the last stage ([] elsewhere) and the global gradient norm."""
         L, m = self.layout, self.cfg.schedule.grad_accum
         started, self.waited = time.perf_counter(), 0.0
+        held = self._gather_for_step() if self.cfg.parallel.pipeline_gather == "step" else []
         pending: list = []
         inputs: dict[int, torch.Tensor] = {}
         outputs: dict[int, torch.Tensor] = {}
@@ -309,9 +315,23 @@ class PipelineParallel:
             work.wait()
         # the share of the schedule this stage spent waiting for its neighbours: the measured pipeline bubble
         self.step_stats = {"pipeline_idle": self.waited / max(time.perf_counter() - started, 1e-9)}
+        if held:  # back to shards before the optimizer updates them
+            for p in held:
+                p.ds_persist = False
+            held[0].partition(param_list=held)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return losses, (float(norm) if norm is not None else None)
+
+    @torch.no_grad()
+    def _gather_for_step(self) -> list:
+        """All-gather the stage's sharded parameters once and pin them whole for this step's micro-batches."""
+        params = [p for p in self.engine.module.parameters() if not p.ds_persist]
+        if params:
+            params[0].all_gather(param_list=params)
+            for p in params:
+                p.ds_persist = True
+        return params
 
     @torch.no_grad()
     def forward_logits(self, x: torch.Tensor | None) -> torch.Tensor | None:
