@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_same_training, losses, raw_records, records, run_cli, tiny, weights
+from helpers import LAUNCHER_REL, assert_same_training, losses, raw_records, run_cli, tiny, weights
 
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_DEDUP_LOGS": "0"}
 
@@ -52,7 +52,7 @@ def test_launch_on_two_ray_workers_follows_the_torchrun_curve(ray_run, runs):
     progress = [line for line in out.splitlines() if "step " in line and "tok/s" in line and "ETA" in line]
     assert [p.split("step ")[1].split()[0] for p in progress] == ["2/6", "4/6", "6/6"], out[-3000:]
     # same ranks and data; the launchers' process groups need not sum in the same order (seen: 5e-6 at one step)
-    assert losses(run) == pytest.approx(losses(runs["zero3"]), rel=1e-5, abs=1e-5)
+    assert losses(run) == pytest.approx(losses(runs["zero3"]), rel=LAUNCHER_REL)
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000006"]
     held = [json.loads(p.read_text()) for p in sorted((run / "ranks").glob("rank_*.json"))]
     assert [h["world_size"] for h in held] == [2, 2]

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
 from ..config import Section, load_run_config, read_yaml, validate
 from ..errors import ConfigError, RWKVDistError
