@@ -31,7 +31,7 @@ def test_demo_config_loads_and_overrides_apply(demo):
 BAD = [
     (["optimizer.lr_init=fast"], "optimizer.lr_init: Input should be a valid number"),
     (["schedule.steps=0"], "schedule.steps: Input should be greater than or equal to 1"),
-    (["parallel.strategy=fsdp"], "parallel.strategy: Input should be 'zero3' or 'ddp'"),
+    (["parallel.strategy=fsdp"], "parallel.strategy: Input should be 'zero3', 'ddp' or 'pipeline'"),
     (["model.n_head=4"], "model.n_head: unknown field"),
     (["trainer.steps=4"], "trainer: unknown field"),
     (["optimizer.warmup_steps=1000"], "warmup_steps (1000) exceeds schedule.steps (600)"),
