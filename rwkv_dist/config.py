@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .model.config import RWKVConfig
@@ -168,10 +168,15 @@ class EvalConfig(Section):
                                                           "the end")
     limit: int | float | None = Field(default=None, description="documents per task: a count >= 1 or a fraction in "
                                                                 "(0, 1); default all")
-    include_path: str | None = Field(default=None, description="folder of local task YAMLs (relative paths: to the "
-                                                               "working directory, as lm-eval's data_files)")
+    include_path: list[str] = Field(default=[], description="folder(s) of local task YAMLs (relative paths: to the "
+                                                            "working directory, as lm-eval's data_files)")
     num_fewshot: int | None = Field(default=None, ge=0, description="default: each task's own (0 where it sets none)")
     batch_size: int = Field(default=8, ge=1, description="contexts per forward")
+
+    @field_validator("include_path", mode="before")
+    @classmethod
+    def _one_or_more(cls, value):
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _valid(self) -> "EvalConfig":

@@ -49,6 +49,13 @@ class World:
         dist.broadcast_object_list(box, src=src, device=self.device)
         return box[0]
 
+    def all_gather_object(self, obj) -> list:
+        """Every rank's `obj`, in rank order, on every rank (pickled through tensors on the communication device:
+        torch takes the current CUDA device, which setup() set to self.device)."""
+        box = [None] * self.size
+        dist.all_gather_object(box, obj)
+        return box
+
     def barrier(self) -> None:
         if self.device.type == "cuda":
             dist.barrier(device_ids=[self.device.index])

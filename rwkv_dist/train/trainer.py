@@ -66,6 +66,11 @@ class Trainer:
         self.source, self.on_checkpoint = source, on_checkpoint
         cfg.check_world_size(int(os.environ.get("WORLD_SIZE", 1)), source)  # set by every launcher
         self.tokenizer_sha256, self.tokenizer_bytes = check_inputs(cfg, source)  # before any process group or file
+        self.downstream = None  # eval.tasks: looked up (tasks, datasets) before any process group too
+        if cfg.eval.tasks:
+            from ..evaluation.in_training import InTrainingEval
+
+            self.downstream = InTrainingEval(cfg, source, self.tokenizer_bytes)
         self.world = distributed.setup()
         self.out = Path(cfg.out_dir)
         self.store = CheckpointStore(self.out / "checkpoints")
@@ -378,6 +383,8 @@ class Trainer:
                     self.reporter.scalars(st.step, {"val/loss": val_loss})
                     self.reporter.record({"step": st.step, "val_loss": val_loss})
                     self.reporter.print(f"step {st.step}: val loss {val_loss:.4f} (perplexity {math.exp(val_loss):.2f})")
+            if self.downstream is not None:  # downstream tasks on the current weights (every rank; a collective)
+                self.downstream.maybe_run(self, st.step)
         wall = time.time() - started
         held = self.model_state()
         ranks = self.out / "ranks"
