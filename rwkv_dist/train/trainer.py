@@ -36,8 +36,8 @@ from ..data.shards import check_same_tokenizer, read_bytes, shard_url
 from ..data.tokenizer import MODEL_FILE
 from ..errors import CheckpointError, ConfigError, DataError, RWKVDistError
 from . import distributed
-from .checkpoint import (CheckpointStore, check_pickles, read_complete, read_rank_rng, read_rank_states, rank_files,
-                         step_name, universal_checkpoint)
+from .checkpoint import (CheckpointStore, check_pickles, read_complete, read_rank_rng, read_rank_states, step_name,
+                         universal_checkpoint)
 from .hardware import choose_precision, detect_peak_flops, mfu
 from .loss import token_cross_entropy
 from .observe import Reporter, memory_bytes
@@ -245,9 +245,7 @@ class Trainer:
         corrupt = None
         if self.is_reporter and step in self.cfg.faults.nan_loss_at_steps and step not in self._fired:
             self._fired.add(step)  # a transient fault: it does not recur when a rollback replays the step
-
-            def corrupt(loss):
-                return loss * float("nan")
+            corrupt = _make_nan
 
         losses, norm = self.strategy.train_step([(b.inputs, b.targets) for b in batches], corrupt)
         local = torch.stack(losses).double().sum().item() if losses else 0.0  # one device sync per step
@@ -412,6 +410,10 @@ class Trainer:
         }
         self.reporter.close(summary)
         return summary
+
+
+def _make_nan(loss: torch.Tensor) -> torch.Tensor:
+    return loss * float("nan")
 
 
 def check_inputs(cfg: RunConfig, where: str) -> tuple[str, bytes]:
