@@ -15,8 +15,8 @@ import torch
 
 from rwkv_dist.model.state_dict import load_rwkv
 
-from helpers import (LAUNCHER_REL, TRAIN_WORKER, assert_same_training, kill_all_at_step, launch, losses, raw_records,
-                     records, run_cli, weights)
+from helpers import (LAUNCHER_CLOSE, LAUNCHER_REL, TRAIN_WORKER, assert_same_training, kill_all_at_step, launch,
+                     losses, raw_records, records, run_cli, weights)
 
 # a 4-block model (so 4 stages fit), 8 sequences per step as 4 micro-batches of 2 per data-parallel rank and step
 BASE = ["model.n_layer=4", "schedule.micro_batch_size=2"]
@@ -172,7 +172,7 @@ def test_a_pipeline_on_four_ray_workers_survives_a_killed_worker(pipeline_runs, 
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert killed_at < 6 and len(raw_records(out)) > 6
     assert losses(out) == pytest.approx(losses(pipeline_runs["p2d2"]), rel=LAUNCHER_REL)
-    assert_same_training(weights(out), weights(pipeline_runs["p2d2"]))
+    assert_same_training(weights(out), weights(pipeline_runs["p2d2"]), LAUNCHER_CLOSE)
 
 
 LAYOUT_ERRORS = [

@@ -18,8 +18,8 @@ from rwkv_dist.model import RWKVConfig
 from rwkv_dist.model.state_dict import load_rwkv
 from rwkv_dist.train.checkpoint import CheckpointStore
 
-from helpers import (LAUNCHER_REL, assert_same_training, kill_all_at_step, launch, losses, raw_records, records,
-                     run_cli, tiny, train, weights)
+from helpers import (LAUNCHER_CLOSE, LAUNCHER_REL, assert_same_training, kill_all_at_step, launch, losses,
+                     raw_records, records, run_cli, tiny, train, weights)
 
 def test_zero3_shards_parameters_over_two_ranks(runs):
     for name, share in (("zero3", 0.5), ("ddp", 1.0), ("one", 1.0)):
@@ -368,7 +368,7 @@ def test_the_deepspeed_launcher_runs_the_same_training(runs, data, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ref = losses(runs["zero3"])  # same ranks and data; the launchers' all-reduce rounds differently
     assert losses(run) == pytest.approx(ref, rel=LAUNCHER_REL)
-    assert_same_training(weights(run), weights(runs["zero3"]))
+    assert_same_training(weights(run), weights(runs["zero3"]), LAUNCHER_CLOSE)
 
 
 def _free_port() -> int:
