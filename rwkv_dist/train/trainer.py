@@ -110,7 +110,9 @@ class Trainer:
         if cfg.logging.peak_flops:
             self.peak_flops, self.peak_source = cfg.logging.peak_flops, "config logging.peak_flops"
         else:
-            self.peak_flops, self.peak_source = detect_peak_flops(self.world.device, dtype)
+            # measured once, by rank 0 while the others wait: ranks timing matmuls at once would share the cores
+            found = detect_peak_flops(self.world.device, dtype) if self.world.is_main else None
+            self.peak_flops, self.peak_source = self.world.broadcast_object(found)
         self.flops_per_token = 3 * cfg.model.flops_per_token_fwd()
         self._mfu_warned = False
         self._val_batches = None
