@@ -25,7 +25,7 @@ demo: setup
 	$(VENV)/bin/rwkv-dist demo
 
 test: setup
-	$(PY) -m pytest -q --timeout=900
+	$(PY) -m pytest -q --timeout=900 --durations=25
 
 bench: setup
 	$(PY) bench/wkv_cpu.py

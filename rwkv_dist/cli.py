@@ -338,6 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     except RWKVDistError as e:
         command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
         print(f"rwkv-dist {command}: error: {e}", file=sys.stderr)
+        if "torch.distributed" in sys.modules:  # a trainer that failed after joining a process group
+            from .train.distributed import finish
+
+            finish(2, wait=False)
         return 2
 
 

@@ -93,11 +93,13 @@ def setup() -> World:
     return World(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def finish(code: int = 0) -> None:
-    """End a multi-process worker: wait for every rank, flush, and leave without running interpreter teardown, where
-    gloo's threads race the shutdown and abort about one run in three."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+def finish(code: int = 0, wait: bool = True) -> None:
+    """End a trainer process: wait for every rank (unless leaving on an error, which another rank may not share),
+    flush, and leave without running interpreter teardown, where gloo's and DeepSpeed's threads race the shutdown and
+    abort the process ("terminate called without an active exception"), a world of one included."""
+    if dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
