@@ -135,9 +135,15 @@ def cmd_launch(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .sweep.runner import run_sweep
 
-    table = run_sweep(args.sweep, address=args.address, dry_run=args.dry_run)
+    table = run_sweep(args.sweep, address=args.address, dry_run=args.dry_run, status_every=args.status_every)
     if not args.dry_run:
         print(f"results: {table}")
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> None:
+    from .sweep.status import render_status
+
+    print(render_status(args.out))
 
 
 def cmd_sweep_fit(args: argparse.Namespace) -> None:
@@ -184,18 +190,39 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> None:
 
 def cmd_data_shards(args: argparse.Namespace) -> None:
     from .data import CorpusStats, Tokenizer, expand_inputs, read_documents, write_shards
+    from .data.corpus import check_readable
+    from .errors import DataError
 
+    if not args.ray and (args.tasks or args.address):
+        raise DataError("--tasks and --address need --ray")
     tokenizer = Tokenizer(args.tokenizer)
     files = expand_inputs(args.input)
-    stats = CorpusStats()
-    with _progress("writing shards") as progress:
-        task = progress.add_task("", total=None, info="")
-        manifest = write_shards(read_documents(files, args.text_field, stats), tokenizer, args.out, stats,
-                                shard_tokens=args.shard_tokens, val_fraction=args.val_fraction, workers=args.workers,
-                                progress=lambda docs, tokens: progress.update(task, advance=docs, info=f"{tokens:,} tokens"))
+    if args.ray:
+        from .data.prep import prepare_shards
+
+        result = prepare_shards(files, tokenizer, args.out, shard_tokens=args.shard_tokens,
+                                val_fraction=args.val_fraction, text_field=args.text_field, dedup=args.dedup,
+                                on_bad=args.on_bad_input, workers=args.workers, tasks=args.tasks,
+                                address=args.address or "local")
+        manifest, stats = result.manifest, result.stats
+        print(f"tasks: tokenize {result.parts} ({result.parts_kept} kept from an earlier run, "
+              f"{result.parts - result.parts_kept} run now), write {result.writes} ({result.writes_kept} kept, "
+              f"{result.writes - result.writes_kept} run now); {result.tokens_done:,} tokens tokenized in "
+              f"{result.seconds['tokenize']:.1f} s = {result.tokens_per_s:,.0f} tokens/s")
+    else:
+        if args.on_bad_input == "stop":
+            check_readable(files)
+        stats = CorpusStats()
+        with _progress("writing shards") as progress:
+            task = progress.add_task("", total=None, info="")
+            manifest = write_shards(read_documents(files, args.text_field, stats, args.on_bad_input), tokenizer,
+                                    args.out, stats, shard_tokens=args.shard_tokens, val_fraction=args.val_fraction,
+                                    workers=args.workers or 2, dedup=args.dedup,
+                                    progress=lambda docs, tokens: progress.update(task, advance=docs,
+                                                                                  info=f"{tokens:,} tokens"))
     counts = {s: (len(e), sum(x.tokens for x in e)) for s, e in manifest.splits.items()}
     print(f"wrote {args.out}: " + ", ".join(f"{s} {n} shards / {t:,} tokens" for s, (n, t) in counts.items())
-          + f"; skipped {stats.empty} empty documents, replaced bad UTF-8 in {stats.invalid_utf8}")
+          + f"; {stats.summary()}" + (f"; dropped {stats.duplicates:,} duplicate documents" if args.dedup else ""))
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
@@ -248,8 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--shard-tokens", type=int, default=10_000_000)
     p.add_argument("--val-fraction", type=float, default=0.0)
-    p.add_argument("--workers", type=int, default=2, help="tokenizer threads")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer threads (default 2); with --ray: tasks "
+                                                                "running at once (default 2 locally, every CPU of a cluster)")
     p.add_argument("--text-field", default="text")
+    p.add_argument("--dedup", action="store_true", help="keep one copy of documents with the same normalized text "
+                                                        "(the first in input order); counted in the manifest")
+    p.add_argument("--on-bad-input", choices=["stop", "skip"], default="stop",
+                   help="an unreadable file, a line that is not JSON, a record without text: stop with an error "
+                        "naming file and line, or skip and count it in the manifest")
+    p.add_argument("--ray", action="store_true", help="tokenize with Ray tasks (same dataset, byte for byte); "
+                                                      "resumes after an interruption")
+    p.add_argument("--address", help="with --ray: local (default, a private instance), auto, HOST:PORT or "
+                                               "ray://HOST:PORT")
+    p.add_argument("--tasks", type=int, help="with --ray: parts the inputs are cut into (default: 4 per worker, "
+                                             "at least one per 256 MiB)")
     p.set_defaults(func=cmd_data_shards)
 
     p = data.add_parser("verify", help="check every shard against the manifest; exit 1 naming damaged shards")
@@ -279,7 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/tiny-cpu.yaml")
     p.add_argument("--address", default="local", help="local (a private Ray instance) or auto / ray://HOST:PORT")
     p.add_argument("--dry-run", action="store_true", help="validate every run and print the commands; start nothing")
+    p.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
+                   help="print the status table this often while runs go on (0: only at the end)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("sweep-status", help="where a sweep stands: run, status, step/total, loss, ETA (from its folder)")
+    p.add_argument("out", help="the sweep's out_dir")
+    p.set_defaults(func=cmd_sweep_status)
 
     p = sub.add_parser("sweep-fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep's results; plots")
     p.add_argument("results", help="results.csv or the sweep's out_dir")

@@ -21,7 +21,7 @@ import webdataset as wds
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import DataError
-from .corpus import CorpusStats
+from .corpus import CorpusStats, dedup_key
 from .tokenizer import MODEL_FILE, Tokenizer
 
 MANIFEST = "manifest.json"
@@ -96,35 +96,86 @@ def token_dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 65536 else "uint32"
 
 
+class ShardTar:
+    """One shard being written: samples in key order, then its manifest entry (sha256 of the finished file)."""
+
+    def __init__(self, path: Path, dtype: str):
+        self.path, self.field = Path(path), "tokens.u16" if dtype == "uint16" else "tokens.u32"
+        self.little_endian = np.dtype(dtype).newbyteorder("<")
+        # fixed mtime/owner: the same input gives byte-identical tars
+        self.writer = wds.TarWriter(str(self.path), encoder=False, mtime=0.0, user="rwkv", group="rwkv")
+        self.samples = self.tokens = 0
+
+    def add(self, key: str, ids) -> None:
+        self.writer.write({"__key__": key, self.field: np.asarray(ids, dtype=self.little_endian).tobytes()})
+        self.samples += 1
+        self.tokens += len(ids)
+
+    def close(self, name: str) -> ShardEntry:
+        self.writer.close()
+        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        return ShardEntry(file=name, samples=self.samples, tokens=self.tokens, sha256=digest)
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}-{number:06d}.tar"
+
+
 class _SplitWriter:
-    """Writes one split's shards, starting a new tar when the current one holds shard_tokens tokens."""
+    """Writes one split's shards, starting a new tar when the current one holds shard_tokens tokens (a shard closes
+    after the document that brings it to shard_tokens; prep.layout_shards makes the same cut)."""
 
     def __init__(self, out: Path, split: str, shard_tokens: int, dtype: str):
         self.out, self.split, self.shard_tokens, self.dtype = out, split, shard_tokens, dtype
-        self.field = "tokens.u16" if dtype == "uint16" else "tokens.u32"
         self.entries: list[ShardEntry] = []
-        self.writer = None
+        self.tar: ShardTar | None = None
 
     def write(self, key: str, ids: list[int]) -> None:
-        if self.writer is None:
-            self.name = f"{self.split}-{len(self.entries):06d}.tar"
-            # fixed mtime/owner: the same input gives byte-identical tars
-            self.writer = wds.TarWriter(str(self.out / self.name), encoder=False, mtime=0.0, user="rwkv", group="rwkv")
-            self.samples = self.tokens = 0
-        little_endian = np.dtype(self.dtype).newbyteorder("<")
-        self.writer.write({"__key__": key, self.field: np.asarray(ids, dtype=little_endian).tobytes()})
-        self.samples += 1
-        self.tokens += len(ids)
-        if self.tokens >= self.shard_tokens:
+        if self.tar is None:
+            self.tar = ShardTar(self.out / shard_name(self.split, len(self.entries)), self.dtype)
+        self.tar.add(key, ids)
+        if self.tar.tokens >= self.shard_tokens:
             self.close()
 
     def close(self) -> None:
-        if self.writer is None:
-            return
-        self.writer.close()
-        self.writer = None
-        digest = hashlib.sha256((self.out / self.name).read_bytes()).hexdigest()
-        self.entries.append(ShardEntry(file=self.name, samples=self.samples, tokens=self.tokens, sha256=digest))
+        if self.tar is not None:
+            self.entries.append(self.tar.close(self.tar.path.name))
+            self.tar = None
+
+
+def manifest_stats(stats: CorpusStats, tokens: int, dedup: bool) -> dict[str, int]:
+    """The corpus counts a manifest records (one function, so every writer records them in the same order)."""
+    counts = {"files": stats.files, "documents": stats.documents, "empty_documents": stats.empty,
+              "invalid_utf8_documents": stats.invalid_utf8, "unreadable_files": stats.unreadable_files,
+              "invalid_json_lines": stats.invalid_json_lines, "missing_text_lines": stats.missing_text_lines}
+    if dedup:  # absent, not 0, when nobody looked for duplicates
+        counts["duplicate_documents"] = stats.duplicates
+    return counts | {"tokens": tokens}
+
+
+def make_manifest(tokenizer: Tokenizer, shard_tokens: int, val_fraction: float, splits: dict[str, list[ShardEntry]],
+                  stats: dict[str, int]) -> Manifest:
+    return Manifest(
+        format=FORMAT,
+        tokenizer=TokenizerEntry(file=MODEL_FILE, sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
+                                 eod_id=tokenizer.eod_id),
+        dtype=token_dtype(tokenizer.vocab_size), shard_tokens=shard_tokens, val_fraction=val_fraction,
+        splits=splits, stats=stats,
+    )
+
+
+def check_prep_args(shard_tokens: int, val_fraction: float) -> None:
+    if shard_tokens < 1:
+        raise DataError(f"shards: --shard-tokens must be positive, got {shard_tokens}")
+    if not 0 <= val_fraction < 1:
+        raise DataError(f"shards: --val-fraction must be in [0, 1), got {val_fraction}")
+
+
+def check_corpus_result(documents: int, train_shards: int, val_fraction: float) -> None:
+    if documents == 0:
+        raise DataError("shards: the corpus has no non-empty documents")
+    if not train_shards:
+        raise DataError(f"shards: --val-fraction {val_fraction} left no training documents")
 
 
 def is_val(text: str, val_fraction: float) -> bool:
@@ -137,25 +188,35 @@ def is_val(text: str, val_fraction: float) -> bool:
 
 def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | Path, stats: CorpusStats,
                  shard_tokens: int = 10_000_000, val_fraction: float = 0.0, workers: int = 1,
-                 batch_docs: int = 256, progress=None) -> Manifest:
+                 batch_docs: int = 256, progress=None, dedup: bool = False) -> Manifest:
     """Tokenize `documents` (sentencepiece's threads: `workers`) into shards under out_dir, then write the manifest.
+    With `dedup`, a document whose normalized text (corpus.dedup_key) was seen before is dropped and counted.
 
     Everything is written in a staging folder next to out_dir and moved in at the end, so a failure leaves no partial
-    dataset; an existing dataset (a manifest in out_dir) is never overwritten."""
-    if shard_tokens < 1:
-        raise DataError(f"shards: --shard-tokens must be positive, got {shard_tokens}")
-    if not 0 <= val_fraction < 1:
-        raise DataError(f"shards: --val-fraction must be in [0, 1), got {val_fraction}")
+    dataset; an existing dataset (a manifest in out_dir) is never overwritten. `rwkv-dist data shards --ray`
+    (prep.prepare_shards) writes the same bytes from many tasks."""
+    check_prep_args(shard_tokens, val_fraction)
     out = Path(out_dir)
     if (out / MANIFEST).exists():
         raise DataError(f"{out}: already holds a dataset ({MANIFEST}); choose another --out or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    seen: set[bytes] = set()
+
+    def unique(docs: Iterable[str]) -> Iterator[str]:
+        for text in docs:
+            key = dedup_key(text)
+            if key in seen:
+                stats.duplicates += 1
+                continue
+            seen.add(key)
+            yield text
+
     try:
         dtype = token_dtype(tokenizer.vocab_size)
         writers = {s: _SplitWriter(staging, s, shard_tokens, dtype) for s in SPLITS}
         index = total_tokens = 0
-        for batch in _batches(documents, batch_docs):
+        for batch in _batches(unique(documents) if dedup else documents, batch_docs):
             for text, ids in zip(batch, tokenizer.encode(batch, num_threads=workers)):
                 writers["val" if is_val(text, val_fraction) else "train"].write(f"{index:012d}", ids)
                 index += 1
@@ -164,20 +225,10 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
                 progress(len(batch), total_tokens)
         for w in writers.values():
             w.close()
-        if index == 0:
-            raise DataError("shards: the corpus has no non-empty documents")
-        if not writers["train"].entries:
-            raise DataError(f"shards: --val-fraction {val_fraction} left no training documents")
+        check_corpus_result(index, len(writers["train"].entries), val_fraction)
         shutil.copyfile(tokenizer.path, staging / MODEL_FILE)
-        manifest = Manifest(
-            format=FORMAT,
-            tokenizer=TokenizerEntry(file=MODEL_FILE, sha256=tokenizer.sha256, vocab_size=tokenizer.vocab_size,
-                                     eod_id=tokenizer.eod_id),
-            dtype=dtype, shard_tokens=shard_tokens, val_fraction=val_fraction,
-            splits={s: w.entries for s, w in writers.items()},
-            stats={"files": stats.files, "documents": stats.documents, "empty_documents": stats.empty,
-                   "invalid_utf8_documents": stats.invalid_utf8, "tokens": total_tokens},
-        )
+        manifest = make_manifest(tokenizer, shard_tokens, val_fraction, {s: w.entries for s, w in writers.items()},
+                                 manifest_stats(stats, total_tokens, dedup))
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
         out.mkdir(parents=True, exist_ok=True)
         for path in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST):  # the manifest last: it commits
