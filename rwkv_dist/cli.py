@@ -135,15 +135,9 @@ def cmd_launch(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .sweep.runner import run_sweep
 
-    table = run_sweep(args.sweep, address=args.address, dry_run=args.dry_run, status_every=args.status_every)
+    table = run_sweep(args.sweep, address=args.address, dry_run=args.dry_run)
     if not args.dry_run:
         print(f"results: {table}")
-
-
-def cmd_sweep_status(args: argparse.Namespace) -> None:
-    from .sweep.status import render_status
-
-    print(render_status(args.out))
 
 
 def cmd_sweep_fit(args: argparse.Namespace) -> None:
@@ -318,13 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/tiny-cpu.yaml")
     p.add_argument("--address", default="local", help="local (a private Ray instance) or auto / ray://HOST:PORT")
     p.add_argument("--dry-run", action="store_true", help="validate every run and print the commands; start nothing")
-    p.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
-                   help="print the status table this often while runs go on (0: only at the end)")
     p.set_defaults(func=cmd_sweep)
-
-    p = sub.add_parser("sweep-status", help="where a sweep stands: run, status, step/total, loss, ETA (from its folder)")
-    p.add_argument("out", help="the sweep's out_dir")
-    p.set_defaults(func=cmd_sweep_status)
 
     p = sub.add_parser("sweep-fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep's results; plots")
     p.add_argument("results", help="results.csv or the sweep's out_dir")
