@@ -110,6 +110,18 @@ class TrainOptimizerConfig(OptimizerConfig):
     time_decay_lr_mult: float = Field(default=2.0, gt=0)
     time_first_lr_mult: float = Field(default=3.0, gt=0)
     grad_clip: float = Field(default=1.0, ge=0, description="max global grad norm; 0 disables clipping")
+    schedule: Literal["exponential", "wsd"] = Field(
+        default="exponential", description="exponential: the paper's lr_init -> lr_final decay over the steps after "
+                                           "warmup; wsd: warmup, constant lr_init, then a decay to lr_final over the "
+                                           "last decay_fraction of the steps (rwkv_dist/train/optim.py)")
+    decay_fraction: float = Field(default=0.2, ge=0, le=1, description="wsd: share of the steps in the decay phase "
+                                                                        "(0: constant after warmup)")
+    decay_shape: Literal["linear", "1-sqrt"] = Field(default="1-sqrt", description="wsd: shape of the decay")
+
+    def decay_start(self, steps: int) -> int:
+        """wsd: the 0-based step where the decay begins in a run of `steps`: the last round(decay_fraction x steps)
+        steps decay (half up). Sweeps branch cooldowns off a constant-LR run at exactly this step."""
+        return steps - int(self.decay_fraction * steps + 0.5)
 
 
 class ScheduleConfig(Section):
@@ -124,6 +136,9 @@ class ParallelConfig(Section):
     pipeline_stages: int = Field(default=1, ge=1, description="pipeline: stages P; data-parallel degree = world / P")
     stage_layers: list[int] | None = Field(default=None, description="pipeline: blocks per stage (default: balanced "
                                                                        "by parameter count)")
+    tensor: int = Field(default=1, ge=1, description="zero3 or pipeline: tensor-parallel degree T (megatron-core layers; "
+                                                     "a group of T consecutive ranks, inside one node); data-parallel "
+                                                     "degree = world / (P T)")
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     pipeline_gather: Literal["micro_batch", "step"] = Field(
         default="micro_batch", description="pipeline: all-gather each stage's parameters for every micro-batch (true "
@@ -220,12 +235,19 @@ class RunConfig(Section):
         if self.optimizer.warmup_steps > self.schedule.steps:
             raise ValueError(f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) exceeds schedule.steps "
                              f"({self.schedule.steps})")
+        if self.optimizer.schedule == "wsd":
+            start = self.optimizer.decay_start(self.schedule.steps)
+            if self.optimizer.warmup_steps > start:
+                raise ValueError(f"optimizer.warmup_steps ({self.optimizer.warmup_steps}) runs into the wsd decay, "
+                                 f"which starts at step {start} of {self.schedule.steps} (decay_fraction "
+                                 f"{self.optimizer.decay_fraction:g})")
         if self.optimizer.lr_final > self.optimizer.lr_init:
             raise ValueError(f"optimizer.lr_final ({self.optimizer.lr_final}) exceeds lr_init ({self.optimizer.lr_init})")
         for flag in ("offload_params", "offload_optimizer"):
             if getattr(self.parallel, flag) and self.parallel.strategy not in ("zero3", "pipeline"):
                 raise ValueError(f"parallel.{flag} needs strategy zero3 or pipeline")
         self._check_pipeline()
+        self._check_tensor()
         if self.schedule.global_batch_size % (self.schedule.micro_batch_size * self.schedule.grad_accum):
             raise ValueError(f"schedule.global_batch_size ({self.schedule.global_batch_size}) is not a multiple of "
                              f"micro_batch_size x grad_accum ({self.schedule.micro_batch_size} x {self.schedule.grad_accum})")
@@ -254,19 +276,32 @@ class RunConfig(Section):
             raise ValueError(f"schedule.grad_accum ({self.schedule.grad_accum}) is below parallel.pipeline_stages "
                              f"({p.pipeline_stages}): a pipeline needs at least one micro-batch per stage per step")
 
+    def _check_tensor(self) -> None:
+        T, m = self.parallel.tensor, self.model
+        if T == 1:
+            return
+        if self.parallel.strategy not in ("zero3", "pipeline"):
+            raise ValueError(f"parallel.tensor ({T}) needs strategy zero3 or pipeline (strategy is "
+                             f"{self.parallel.strategy})")
+        for name, value in (("n_embd", m.n_embd), ("ffn_width", m.ffn_width), ("vocab_size", m.vocab_size)):
+            if value % T:
+                raise ValueError(f"parallel.tensor ({T}) does not divide model.{name} ({value})")
+
     @property
     def pipeline_stages(self) -> int:
         return self.parallel.pipeline_stages if self.parallel.strategy == "pipeline" else 1
 
     def check_world_size(self, world_size: int, source: str = "config") -> None:
-        """The world must split into pipeline_stages x data-parallel ranks, and micro_batch_size x grad_accum x
-        data-parallel ranks must equal global_batch_size (known only once ranks exist)."""
-        s, P = self.schedule, self.pipeline_stages
-        if world_size % P:
-            raise ConfigError(f"{source}: parallel.pipeline_stages ({P}) does not divide the world size ({world_size})")
-        dp = world_size // P
+        """The world must split into pipeline_stages x data-parallel x tensor-parallel ranks, and micro_batch_size x
+        grad_accum x data-parallel ranks must equal global_batch_size (known only once ranks exist)."""
+        s, P, T = self.schedule, self.pipeline_stages, self.parallel.tensor
+        if world_size % (P * T):
+            what = " x ".join(filter(None, [f"parallel.pipeline_stages ({P})" if P > 1 or T == 1 else "",
+                                            f"parallel.tensor ({T})" if T > 1 else ""]))
+            raise ConfigError(f"{source}: {what} does not divide the world size ({world_size})")
+        dp = world_size // (P * T)
         if s.micro_batch_size * s.grad_accum * dp != s.global_batch_size:
-            what = "world size" if P == 1 else f"data-parallel ranks (world {world_size} / {P} stages)"
+            what = "world size" if P * T == 1 else f"data-parallel ranks (world {world_size} / {P * T} model-parallel)"
             raise ConfigError(f"{source}: schedule.micro_batch_size x grad_accum x {what} = {s.micro_batch_size} x "
                               f"{s.grad_accum} x {dp} = {s.micro_batch_size * s.grad_accum * dp}, "
                               f"but global_batch_size is {s.global_batch_size}")

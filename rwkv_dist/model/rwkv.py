@@ -131,6 +131,8 @@ class ChannelMix(nn.Module):
 
 
 class Block(nn.Module):
+    time_mix, channel_mix = TimeMix, ChannelMix  # the mixers' classes (a tensor-parallel block swaps in its own)
+
     def __init__(self, cfg: RWKVConfig, layer_id: int):
         super().__init__()
         D, eps = cfg.n_embd, cfg.layer_norm_eps
@@ -139,8 +141,8 @@ class Block(nn.Module):
             self.ln0 = nn.LayerNorm(D, eps=eps)  # normalizes the embedding
         self.ln1 = nn.LayerNorm(D, eps=eps)
         self.ln2 = nn.LayerNorm(D, eps=eps)
-        self.att = TimeMix(cfg, layer_id)
-        self.ffn = ChannelMix(cfg, layer_id)
+        self.att = self.time_mix(cfg, layer_id)
+        self.ffn = self.channel_mix(cfg, layer_id)
 
     def forward(self, x: torch.Tensor, state=None):
         att_shift, wkv_state, ffn_shift = state if state is not None else (None, None, None)

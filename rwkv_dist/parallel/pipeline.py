@@ -1,6 +1,8 @@
-"""Pipeline parallelism over the RWKV blocks, with DeepSpeed ZeRO-3 sharding inside every stage.
+"""Pipeline parallelism over the RWKV blocks, with DeepSpeed ZeRO-3 sharding inside every stage, and tensor
+parallelism inside every block (rwkv_dist.parallel.tensor): the 3D engine.
 
-Layout. The world is P stages x D data-parallel replicas; global rank r is stage r // D, replica r % D. Each stage
+Layout. The world is P stages x D data-parallel replicas x T tensor-parallel ranks; global rank r is stage
+r // (D T), replica (r // T) % D, tensor rank r % T (megatron-core's order, its parallel_state groups). Each stage
 holds a contiguous run of blocks (the first also the embedding and ln0, the last ln_out, the head and the loss), as
 an `RWKVStage`: the model's own modules under their own names, so a stage's state dict is a slice of the model's.
 Each stage is one DeepSpeed ZeRO-3 engine over its D replicas only: parameters, gradients and optimizer state are
@@ -86,14 +88,18 @@ def balanced_stage_layers(cfg: RWKVConfig, stages: int) -> list[int]:
 
 @dataclass
 class Layout:
-    """Where this rank sits: its stage and replica, and the process groups it belongs to."""
+    """Where this rank sits: its stage, replica and tensor-parallel rank, and the process groups it belongs to.
+    Global rank = (stage * replicas + replica) * tensor + tensor_rank (megatron-core's default order)."""
 
     stages: int
     replicas: int
+    tensor: int
     stage: int
     replica: int
-    stage_group: object  # the stage's data-parallel replicas
-    pipe_group: object  # the replica's stages
+    tensor_rank: int
+    stage_group: object  # the data-parallel replicas of this (stage, tensor rank): ZeRO-3 shards over them
+    pipe_group: object  # the stages of this (replica, tensor rank): activations flow through them
+    model_group: object  # every stage and tensor rank of this replica: parameters are disjoint across it
     first_layer: int
     last_layer: int  # exclusive
 
@@ -105,31 +111,42 @@ class Layout:
     def is_last(self) -> bool:
         return self.stage == self.stages - 1
 
+    @property
+    def model_rank(self) -> int:
+        """Rank in the model-parallel group (DeepSpeed's mp_rank: checkpoint files carry it)."""
+        return self.stage * self.tensor + self.tensor_rank
+
     def global_rank(self, stage: int, replica: int | None = None) -> int:
-        return stage * self.replicas + (self.replica if replica is None else replica)
+        replica = self.replica if replica is None else replica
+        return (stage * self.replicas + replica) * self.tensor + self.tensor_rank
 
 
 def make_layout(cfg: RunConfig, world: World) -> Layout:
-    P = cfg.parallel.pipeline_stages
-    D = world.size // P
-    stage, replica = divmod(world.rank, D)
-    stage_group = pipe_group = None
-    for s in range(P):  # every rank creates every group, in the same order
-        group = dist.new_group([s * D + d for d in range(D)])
-        if s == stage:
-            stage_group = group
-    for d in range(D):
-        group = dist.new_group([s * D + d for s in range(P)])
-        if d == replica:
-            pipe_group = group
+    """The process groups of megatron-core's parallel_state (tensor-parallel groups of consecutive ranks, then data,
+    then pipeline), so megatron's tensor-parallel layers and our stages and ZeRO-3 engines agree on every group."""
+    from megatron.core import parallel_state
+
+    P, T = cfg.parallel.pipeline_stages, cfg.parallel.tensor
+    D = world.size // (P * T)
+    if parallel_state.model_parallel_is_initialized():  # a second trainer in this process
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=T, pipeline_model_parallel_size=P,
+                                             create_gloo_process_groups=False)
+    stage, rest = divmod(world.rank, D * T)
+    replica, tensor_rank = divmod(rest, T)
+    assert (stage, tensor_rank) == (parallel_state.get_pipeline_model_parallel_rank(),
+                                    parallel_state.get_tensor_model_parallel_rank())
     sizes = cfg.parallel.stage_layers or balanced_stage_layers(cfg.model, P)
     first = sum(sizes[:stage])
-    return Layout(P, D, stage, replica, stage_group, pipe_group, first, first + sizes[stage])
+    return Layout(P, D, T, stage, replica, tensor_rank, parallel_state.get_data_parallel_group(),
+                  parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_model_parallel_group(),
+                  first, first + sizes[stage])
 
 
 class StageMPU:
-    """What DeepSpeed asks of a model-parallel unit: data parallelism = the stage's replicas, "model" parallelism =
-    the replica's pipeline (its ranks hold disjoint parameters, so gradient norms sum over it)."""
+    """What DeepSpeed asks of a model-parallel unit: data parallelism = the stage's replicas (of this tensor rank),
+    "model" parallelism = the replica's stages and tensor ranks (they hold disjoint parameters, so gradient norms
+    sum over them)."""
 
     def __init__(self, layout: Layout):
         self.layout = layout
@@ -144,31 +161,39 @@ class StageMPU:
         return self.layout.replica
 
     def get_model_parallel_group(self):
-        return self.layout.pipe_group
+        return self.layout.model_group
 
     def get_model_parallel_world_size(self) -> int:
-        return self.layout.stages
+        return self.layout.stages * self.layout.tensor
 
     def get_model_parallel_rank(self) -> int:
-        return self.layout.stage
+        return self.layout.model_rank
 
 
 class RWKVStage(nn.Module):
     """Blocks [first, last) of an RWKV model; the first stage also embeds, the last also heads. Names are the
-    model's: emb.weight, blocks.N...., ln_out.*, head.weight."""
+    model's: emb.weight, blocks.N...., ln_out.*, head.weight. With tensor parallelism the blocks, the embedding and
+    the head are megatron-core's split layers (rwkv_dist.parallel.tensor) under the same names."""
 
-    def __init__(self, cfg: RWKVConfig, first: int, last: int, is_first: bool, is_last: bool):
+    def __init__(self, cfg: RWKVConfig, first: int, last: int, is_first: bool, is_last: bool,
+                 tensor_parallel: bool = False):
         super().__init__()
         self.cfg, self.is_first, self.is_last = cfg, is_first, is_last
+        block, embedding, head = Block, nn.Embedding, nn.Linear
+        if tensor_parallel:
+            from .tensor import TensorParallelBlock, vocab_parallel_layers
+
+            block, (embedding, head) = TensorParallelBlock, vocab_parallel_layers()
         if is_first:
-            self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleDict({str(i): Block(cfg, i) for i in range(first, last)})
+            self.emb = embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleDict({str(i): block(cfg, i) for i in range(first, last)})
         if is_last:
             self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
-            self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+            self.head = head(cfg.n_embd, cfg.vocab_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens [B, T] (first stage) or hidden states [B, T, D] -> hidden states, or logits (last stage)."""
+        """Tokens [B, T] (first stage) or hidden states [B, T, D] -> hidden states, or logits (last stage; with
+        tensor parallelism this rank's slice of the vocabulary)."""
         if self.is_first:
             x = self.emb(x)
         for block in self.blocks.values():
@@ -210,19 +235,22 @@ class PipelineParallel:
         import deepspeed
 
         if load_universal:
-            raise ValueError("pipeline checkpoints resume on the world size they were written with")
+            raise ValueError("pipeline and tensor-parallel checkpoints resume on the layout they were written with")
         self.cfg, self.world = cfg, world
         self.layout = L = make_layout(cfg, world)
         self.dp_rank, self.dp_size = L.replica, L.replicas
-        self.holds_loss = L.is_last
+        self.holds_loss = L.is_last and L.tensor_rank == 0  # the tensor ranks compute the same loss: one reports it
         self.needs_data = L.is_first or L.is_last
-        self.owns_data_state = L.is_first  # the last stage reads the same streams: one copy in the checkpoint
+        # the last stage and the other tensor ranks read the same streams: one copy in the checkpoint
+        self.owns_data_state = L.is_first and L.tensor_rank == 0
         self.mpu = StageMPU(L)
         _patch_trace_check(L.stage_group)
         ds_config = deepspeed_config(cfg, world.device, 3, 1, L.replicas)
         stage = self._build(ds_config)
         for p in stage.parameters():
-            p.model_parallel = True  # disjoint across the pipeline group: norms sum over it
+            # the model-parallel group sums gradient norms: a parameter split over the tensor ranks (or held by this
+            # stage alone) counts on every rank, a copy replicated over the tensor ranks on tensor rank 0 only
+            p.model_parallel = getattr(p, "tensor_model_parallel", False) or L.tensor_rank == 0
         if cfg.parallel.activation_checkpointing:
             with_activation_checkpointing(stage.blocks.values())
         o = cfg.optimizer
@@ -241,21 +269,32 @@ class PipelineParallel:
         offload = cfg.parallel.offload_params
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if offload else None,
                                  data_parallel_group=L.stage_group, mpu=self.mpu):
-            stage = RWKVStage(cfg.model, L.first_layer, L.last_layer, L.is_first, L.is_last)
+            stage = RWKVStage(cfg.model, L.first_layer, L.last_layer, L.is_first, L.is_last, L.tensor > 1)
         own = dict(stage.named_parameters())
         with torch.device("meta"):
             whole = RWKV(cfg.model, init=False)
         names = {id(p): n for n, p in whole.named_parameters()}
         writer = L.replica == 0
 
+        def scratch(param):
+            return torch.empty(param.shape, dtype=torch.float32, device=self.world.device)
+
         @contextlib.contextmanager
         def edit(param):
             name = names[id(param)]
-            if name in own:
+            if name not in own:  # another stage's: its random numbers are drawn all the same, into scratch
+                yield scratch(param) if writer else None
+            elif L.tensor == 1:
                 with deepspeed.zero.GatheredParameters([own[name]], modifier_rank=0):
                     yield own[name] if writer else None
-            else:  # another stage's: its random numbers are drawn all the same, into scratch
-                yield torch.empty(param.shape, dtype=torch.float32, device=self.world.device) if writer else None
+            else:  # the dense values are drawn whole on every tensor rank, which keeps its slice
+                from .tensor import shard_of
+
+                full = scratch(param) if writer else None
+                yield full
+                with deepspeed.zero.GatheredParameters([own[name]], modifier_rank=0):
+                    if writer:
+                        own[name].copy_(shard_of(full, name, L.tensor_rank, L.tensor))
 
         initialize(whole, cfg.seed, edit=edit)
         return stage
@@ -292,10 +331,11 @@ class PipelineParallel:
                 inputs[i] = x
                 out = self.engine(x)
                 if L.is_last:
-                    loss, objective = training_loss(self.cfg, out, batches[i][1].to(self.world.device))
+                    loss, objective = self._loss(out, batches[i][1].to(self.world.device))
                     if corrupt_loss is not None and i == 0:
                         loss, objective = corrupt_loss(loss), corrupt_loss(objective)
-                    losses.append(loss.detach())
+                    if self.holds_loss:
+                        losses.append(loss.detach())
                     outputs[i] = objective / m  # gradient accumulation's mean over micro-batches
                 else:
                     self._send(out, L.stage + 1, tag=i, pending=pending)
@@ -323,6 +363,13 @@ class PipelineParallel:
         norm = self.engine.get_global_grad_norm()
         return losses, (float(norm) if norm is not None else None)
 
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layout.tensor == 1:
+            return training_loss(self.cfg, logits, targets)
+        from .tensor import vocab_parallel_loss
+
+        return vocab_parallel_loss(logits, targets, self.cfg.l2wrap)
+
     @torch.no_grad()
     def _gather_for_step(self) -> list:
         """All-gather the stage's sharded parameters once and pin them whole for this step's micro-batches."""
@@ -349,7 +396,11 @@ class PipelineParallel:
         if not L.is_last:
             dist.send(out.contiguous(), dst=L.global_rank(L.stage + 1), tag=0)
             return None
-        return out
+        if L.tensor > 1:
+            from .tensor import gather_vocab
+
+            out = gather_vocab(out)
+        return out if L.tensor_rank == 0 else None
 
     # -- checkpoints --------------------------------------------------------------------------------------------------
     def save(self, root: Path, tag: str) -> None:
@@ -362,9 +413,10 @@ class PipelineParallel:
     def files_to_check(self, folder: Path) -> list[Path]:
         from ..train.checkpoint import rank_files
 
-        return rank_files(folder, self.dp_rank, self.layout.stage)
+        return rank_files(folder, self.dp_rank, self.layout.model_rank)
 
     def model_state(self) -> dict:
         from .data_parallel import model_state
 
-        return {**model_state(self.engine, self.optimizer, self.world), "stage": self.layout.stage}
+        L = self.layout
+        return {**model_state(self.engine, self.optimizer, self.world), "stage": L.stage, "tensor_rank": L.tensor_rank}

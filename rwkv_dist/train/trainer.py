@@ -85,7 +85,7 @@ class Trainer:
             load_from = self._engine_checkpoint(self.resume_from)
 
         self.universal = load_from is not None and load_from != self.resume_from
-        if cfg.parallel.strategy == "pipeline":
+        if cfg.parallel.strategy == "pipeline" or cfg.parallel.tensor > 1:  # the 3D engine (P x D x T)
             from ..parallel.pipeline import PipelineParallel as Strategy
         else:
             from ..parallel.data_parallel import DataParallel as Strategy
@@ -146,7 +146,7 @@ class Trainer:
         for cfg in (saved, now):
             cfg["data"]["sources"] = [{k: v for k, v in src.items() if k != "location"} for src in cfg["data"]["sources"]]
         for key in ("model", "precision", "seed", "parallel.strategy", "parallel.pipeline_stages",
-                    "parallel.stage_layers", "data.sources"):
+                    "parallel.stage_layers", "parallel.tensor", "data.sources"):
             a, b = saved, now
             for part in key.split("."):
                 a, b = (a or {}).get(part), (b or {}).get(part)
@@ -161,9 +161,11 @@ class Trainer:
         if saved_world == self.world.size:
             return folder
         strategy, precision = self.cfg.parallel.strategy, self.cfg.precision
-        if strategy == "pipeline":
-            raise CheckpointError(f"{folder}: written by {saved_world} rank(s); a pipeline checkpoint resumes only on "
-                                  f"{saved_world} rank(s), this run has {self.world.size}")
+        if strategy == "pipeline" or self.cfg.parallel.tensor > 1:
+            raise CheckpointError(f"{folder}: written by {saved_world} rank(s); a {strategy} checkpoint with "
+                                  f"parallel.tensor = {self.cfg.parallel.tensor} resumes only on {saved_world} rank(s), "
+                                  f"this run has {self.world.size} (export it and start from the weights: "
+                                  f"checkpoint.init_from)")
         if strategy == "ddp" and precision == "bf16":
             raise CheckpointError(f"{folder}: written by {saved_world} rank(s); a bf16 ddp checkpoint resumes only on "
                                   f"{saved_world} rank(s), this run has {self.world.size}")
@@ -327,10 +329,11 @@ class Trainer:
         if self.is_reporter:
             where = f"resumed from {self.resume_from}" if self.resume_from else "from scratch"
             layout = cfg.parallel.strategy
-            if cfg.parallel.strategy == "pipeline":
+            if hasattr(self.strategy, "layout"):
                 L = self.strategy.layout
-                layout = (f"pipeline {L.stages} stages x {L.replicas} replicas ({cfg.parallel.pipeline_schedule}, "
-                          f"ZeRO-3 in each stage)")
+                layout = " x ".join(filter(None, [
+                    f"pipeline {L.stages} stages ({cfg.parallel.pipeline_schedule})" if L.stages > 1 else "",
+                    f"{L.replicas} ZeRO-3 replicas", f"tensor parallel {L.tensor}" if L.tensor > 1 else ""]))
             self.reporter.print(f"{cfg.name}: RWKV-4 L{cfg.model.n_layer} D{cfg.model.n_embd} "
                                 f"({cfg.model.num_params():,} parameters), {layout} on {self.world.size} rank(s), "
                                 f"{where} at step {st.step}")

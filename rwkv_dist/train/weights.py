@@ -1,6 +1,7 @@
 """Full fp32 weights out of a training checkpoint, for export, generation and evaluation.
 
 zero3: the fp32 master partitions of every rank are stitched back together (DeepSpeed's consolidation).
+pipeline / tensor parallel: the same for each (stage, tensor rank), tensor slices joined along their split.
 ddp:   the replicated module; in bf16 runs the fp32 master copies kept by the optimizer replace its bf16 weights.
 Every pickle is checked weights-only first (checkpoint.check_pickles), so this never runs code from the files.
 """
@@ -31,10 +32,10 @@ def checkpoint_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunCo
     folder = find_checkpoint(path)
     cfg = checkpoint_config(folder)
     check_pickles(folder)
-    if cfg.parallel.strategy == "zero3":
+    if cfg.parallel.strategy == "pipeline" or cfg.parallel.tensor > 1:
+        sd = _model_parallel_weights(folder, cfg)
+    elif cfg.parallel.strategy == "zero3":
         sd = _zero3_weights(folder)
-    elif cfg.parallel.strategy == "pipeline":
-        sd = _pipeline_weights(folder, cfg)
     else:
         sd = _replicated_weights(folder, cfg)
     return {k: v.float().contiguous() for k, v in sd.items()}, cfg, folder
@@ -51,26 +52,42 @@ def _zero3_weights(folder: Path) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
 
 
-def _pipeline_weights(folder: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
-    """Each stage's files carry its model-parallel rank (mp_rank_SS); DeepSpeed's consolidation reads one such rank
-    at a time, so each stage is presented to it alone, under rank 00, in a scratch folder of links."""
+def _model_parallel_weights(folder: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """Each (stage, tensor rank) writes files under its model-parallel rank mp_rank_MM, MM = stage * T + t. DeepSpeed's
+    consolidation reads one such rank at a time, so each is presented to it alone, under rank 00, in a scratch folder
+    of links; the tensor ranks' slices are then joined along the dimension they were split on."""
     import tempfile
 
+    T = cfg.parallel.tensor
     sd: dict[str, torch.Tensor] = {}
-    for stage in range(cfg.parallel.pipeline_stages):
-        mine = sorted(folder.glob(f"*mp_rank_{stage:02d}_*.pt"))
-        if not mine:
-            raise CheckpointError(f"{folder}: no files of pipeline stage {stage} (mp_rank_{stage:02d})")
-        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-            view = Path(tmp) / folder.name
-            view.mkdir()
-            for f in mine:
-                (view / f.name.replace(f"mp_rank_{stage:02d}_", "mp_rank_00_")).symlink_to(f.resolve())
-            part = _zero3_weights(view)
+    for stage in range(cfg.pipeline_stages):
+        slices = []
+        for t in range(T):
+            mp = stage * T + t
+            mine = sorted(folder.glob(f"*mp_rank_{mp:02d}_*.pt"))
+            if not mine:
+                raise CheckpointError(f"{folder}: no files of pipeline stage {stage}, tensor rank {t} (mp_rank_{mp:02d})")
+            with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+                view = Path(tmp) / folder.name
+                view.mkdir()
+                for f in mine:
+                    (view / f.name.replace(f"mp_rank_{mp:02d}_", "mp_rank_00_")).symlink_to(f.resolve())
+                slices.append(_zero3_weights(view))
+        part = slices[0] if T == 1 else _join_tensor_slices(slices)
         if set(part) & set(sd):
             raise CheckpointError(f"{folder}: stage {stage} repeats parameters of an earlier stage")
         sd.update(part)
     return sd
+
+
+def _join_tensor_slices(slices: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    from ..parallel.tensor import partition_dim
+
+    joined = {}
+    for name, first in slices[0].items():
+        dim = partition_dim(name)
+        joined[name] = first if dim is None else torch.cat([s[name] for s in slices], dim=dim)
+    return joined
 
 
 def _replicated_weights(folder: Path, cfg: RunConfig) -> dict[str, torch.Tensor]:
