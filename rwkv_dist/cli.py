@@ -165,21 +165,28 @@ def _progress(description: str, total: int | None = None):
 
 
 def cmd_data_tokenizer(args: argparse.Namespace) -> None:
-    from .data import CorpusStats, expand_inputs, read_documents, train_tokenizer
+    from .data import train_tokenizer
+    from .data.corpus import check_readable, expand_inputs
+    from .data.prep import sample_documents, train_tokenizer_on_ray
+    from .errors import DataError
 
+    if not args.ray and (args.tasks or args.address):
+        raise DataError("--tasks and --address need --ray")
     files = expand_inputs(args.input)
-    stats = CorpusStats()
-    with _progress("training tokenizer") as progress:
-        task = progress.add_task("", total=None, info="")
-
-        def documents():
-            for doc in read_documents(files, args.text_field, stats):
-                progress.update(task, advance=1, info=f"{stats.characters:,} chars")
-                yield doc
-
-        path = train_tokenizer(documents(), args.out, args.vocab_size, args.model_type, args.input_sentence_size)
-    print(f"wrote {path} (vocab {args.vocab_size}, {args.model_type}) from {stats.documents:,} documents in "
-          f"{stats.files} files; skipped {stats.empty} empty, replaced bad UTF-8 in {stats.invalid_utf8}")
+    if args.on_bad_input == "stop":
+        check_readable(files)
+    texts, stats = sample_documents(files, args.sample_chars, args.seed, args.text_field, args.on_bad_input,
+                                    use_ray=args.ray, workers=args.workers, tasks=args.tasks,
+                                    address=args.address or "local")
+    if args.ray:
+        path = train_tokenizer_on_ray(texts, args.out, args.vocab_size, args.model_type, args.input_sentence_size,
+                                      args.seed, address=args.address or "local")
+    else:
+        path = train_tokenizer(texts, args.out, args.vocab_size, args.model_type, args.input_sentence_size,
+                               seed=args.seed)
+    print(f"wrote {path} (vocab {args.vocab_size}, {args.model_type}) from a sample of {len(texts):,} of "
+          f"{stats.documents:,} documents ({sum(map(len, texts)):,} characters, seed {args.seed}) in {stats.files} "
+          f"files; {stats.summary()}")
 
 
 def cmd_data_shards(args: argparse.Namespace) -> None:
@@ -261,6 +268,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
     p.add_argument("--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training")
+    p.add_argument("--sample-chars", type=int, default=200_000_000,
+                   help="train on a uniform sample of documents over all inputs of about this many characters "
+                        "(smaller corpora are used whole)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the sample (and sentencepiece's own sampling)")
+    p.add_argument("--on-bad-input", choices=["stop", "skip"], default="stop",
+                   help="stop at an unreadable file / bad JSONL line naming it, or skip and count it")
+    p.add_argument("--ray", action="store_true", help="read and sample the inputs with Ray tasks, train in one")
+    p.add_argument("--address", help="with --ray: local (default), auto, HOST:PORT or ray://HOST:PORT")
+    p.add_argument("--workers", type=int, help="with --ray: tasks running at once (default 2 locally, every CPU of "
+                                               "a cluster)")
+    p.add_argument("--tasks", type=int, help="with --ray: parts the inputs are cut into")
     p.set_defaults(func=cmd_data_tokenizer)
 
     p = data.add_parser("shards", help="tokenize into WebDataset shards with a manifest")

@@ -20,7 +20,7 @@ import pytest
 
 from rwkv_dist.data import CorpusStats, Tokenizer, read_documents, train_tokenizer, write_shards
 from rwkv_dist.data.corpus import Piece, check_readable, expand_inputs, read_piece
-from rwkv_dist.data.prep import plan_parts, prepare_shards
+from rwkv_dist.data.prep import plan_parts, prepare_shards, sample_documents, train_tokenizer_on_ray
 from rwkv_dist.data.shards import load_manifest, read_shard, verify
 from rwkv_dist.errors import DataError
 
@@ -207,6 +207,27 @@ def test_bad_input_stops_in_one_line_or_is_skipped_and_counted(ray_instance, cor
     stats = CorpusStats()
     docs = list(read_documents([tmp_path / "bad" / "cut.jsonl.gz"], stats=stats, on_bad="skip"))
     assert 0 < len(docs) < 200 and stats.unreadable_files == 1
+
+
+def test_tokenizer_sample_is_uniform_over_inputs_seeded_and_the_same_on_ray(ray_instance, corpus, tmp_path):
+    files, _ = corpus
+    docs = list(read_documents(files))
+    budget = sum(map(len, docs)) // 3
+    local, stats = sample_documents(files, budget, seed=1)
+    on_ray, _ = sample_documents(files, budget, seed=1, use_ray=True, workers=2, tasks=5, address=None, echo=None)
+    assert local == on_ray and stats.documents == len(docs)
+    assert budget <= sum(map(len, local)) < budget + max(map(len, local))
+    where = [docs.index(t) for t in local]
+    assert where == sorted(where), "the sample is fed to sentencepiece in input order"
+    assert min(where) < len(docs) // 10 and max(where) > len(docs) * 9 // 10, "drawn from all inputs, not the first"
+    last_file = sum(1 for t in local if t in set(read_documents([files[3]])))  # d.jsonl: 50 of ~480 documents
+    assert 5 <= last_file <= 30, last_file
+    assert sample_documents(files, budget, seed=2)[0] != local and sample_documents(files, budget, seed=1)[0] == local
+    assert sample_documents(files, 10**9, seed=1)[0] == docs, "a corpus under the budget is used whole"
+    # sentencepiece trained in a Ray task gives the model trained here
+    here = train_tokenizer(local, tmp_path / "here", vocab_size=300, seed=1)
+    there = train_tokenizer_on_ray(local, tmp_path / "there", vocab_size=300, seed=1, address=None)
+    assert here.read_bytes() == there.read_bytes()
 
 
 def cli(*args, **popen) -> subprocess.Popen:

@@ -562,3 +562,101 @@ def commit(out: Path, manifest: Manifest, tokenizer: Tokenizer) -> None:
             p.unlink()
     _write_atomic(out / MODEL_FILE, tokenizer.path.read_bytes())
     _write_atomic(out / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
+
+
+# ---- tokenizer sample -------------------------------------------------------------------------------------------
+
+def _sample_hash(seed: int, text: str) -> int:
+    """A document's draw: uniform in [0, 2^64), fixed by (seed, text), whatever task reads it."""
+    h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8, key=str(seed).encode())
+    return int.from_bytes(h.digest(), "big")
+
+
+def _take(candidates: list[tuple], budget: int) -> list[tuple]:
+    """(draw, part, position, text) in ascending draw order until `budget` characters are reached (the document that
+    reaches it included). A task applies the same cut to its own candidates first: a document it drops has at least
+    `budget` characters of lower draws in that task alone, so the global cut would drop it too."""
+    chosen, chars = [], 0
+    for c in sorted(candidates):
+        if chars >= budget:
+            break
+        chosen.append(c)
+        chars += len(c[3])
+    return chosen
+
+
+def sample_part(index: int, pieces: list[Piece], seed: int, threshold: int, budget: int, text_field: str,
+                on_bad: str, board=None) -> dict:
+    """One part's candidates for the tokenizer sample: documents whose draw is below `threshold`, cut at `budget`."""
+    stats = CorpusStats()
+    candidates, last = [], time.monotonic()
+    position = 0
+    for piece in pieces:
+        for text in read_piece(piece, text_field, stats, on_bad):
+            draw = _sample_hash(seed, text)
+            if draw < threshold:
+                candidates.append((draw, index, position, text))
+            position += 1
+            if board is not None and time.monotonic() - last > 1:
+                board.report(str(index), stats.documents, 0, stats.characters)
+                last = time.monotonic()
+    if board is not None:
+        board.report(str(index), stats.documents, 0, stats.characters)
+    return {"stats": stats.counts(), "candidates": _take(candidates, budget)}
+
+
+def sample_documents(files: list[Path], budget_chars: int, seed: int = 0, text_field: str = "text",
+                     on_bad: str = "stop", use_ray: bool = False, workers: int | None = None,
+                     tasks: int | None = None, address: str | None = "local", scratch: Path | None = None,
+                     echo: Callable[[str], None] | None = print) -> tuple[list[str], CorpusStats]:
+    """A uniform sample of documents over all inputs, about `budget_chars` characters, in input order: each document
+    draws a number from (seed, its text) and the lowest draws are taken (corpora smaller than the budget are taken
+    whole). The sample depends on the corpus, the seed and the budget only: not on workers, tasks or Ray. Documents
+    with a draw above 3x the budget's share of the bytes are dropped while reading, so a task returns a few times its
+    share of the sample, not its part."""
+    if budget_chars < 1:
+        raise DataError(f"tokenizer: --sample-chars must be positive, got {budget_chars}")
+    total_bytes = sum(os.stat(f).st_size for f in files)
+    threshold = 2**64 if 3 * budget_chars >= total_bytes else (2**64 * 3 * budget_chars) // total_bytes
+    if not use_ray:
+        result = sample_part(0, [Piece(str(f)) for f in files], seed, threshold, budget_chars, text_field, on_bad)
+        results = [result]
+    else:
+        with ray_session(address, workers):
+            workers = _cluster_workers(workers)
+            parts = plan_parts(files, tasks or default_tasks(workers, total_bytes))
+            board = ProgressFiles(scratch or Path(os.environ.get("TMPDIR", "/tmp")))
+            progress = Progress("sample", len(parts), 0, 0, 0, echo)
+            results = run_tasks(sample_part, [(i, pieces, seed, threshold, budget_chars, text_field, on_bad)
+                                              for i, pieces in enumerate(parts)], workers, progress, board)
+            for i in range(len(parts)):
+                (board.folder / f"{i}.progress").unlink(missing_ok=True)
+    stats = CorpusStats()
+    for r in results:
+        stats.add(CorpusStats.from_counts(r["stats"]))
+    chosen = _take([c for r in results for c in r["candidates"]], budget_chars)
+    return [c[3] for c in sorted(chosen, key=lambda c: (c[1], c[2]))], stats
+
+
+def train_tokenizer_task(texts: list[str], vocab_size: int, model_type: str, input_sentence_size: int, seed: int,
+                         board=None) -> bytes:
+    """sentencepiece training as a Ray task (on a cluster node, not the machine the command was typed on)."""
+    import tempfile
+
+    from .tokenizer import train_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        return train_tokenizer(texts, folder, vocab_size, model_type, input_sentence_size, seed=seed).read_bytes()
+
+
+def train_tokenizer_on_ray(texts: list[str], out_dir: str | Path, vocab_size: int, model_type: str = "bpe",
+                           input_sentence_size: int = 2_000_000, seed: int = 0, address: str | None = "local") -> Path:
+    import ray
+
+    with ray_session(address, None):
+        model = _ray_get(ray.remote(num_cpus=1)(train_tokenizer_task).remote(
+            ray.put(texts), vocab_size, model_type, input_sentence_size, seed))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / MODEL_FILE, model)
+    return out_dir / MODEL_FILE

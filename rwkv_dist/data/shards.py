@@ -142,6 +142,13 @@ class _SplitWriter:
             self.entries.append(self.tar.close(self.tar.path.name))
             self.tar = None
 
+    def abandon(self) -> None:
+        """Close the open tar after a failure (its file is deleted with the staging folder): a tar stream left open
+        would try to write into its closed file when garbage-collected."""
+        if self.tar is not None:
+            self.tar.writer.close()
+            self.tar = None
+
 
 def manifest_stats(stats: CorpusStats, tokens: int, dedup: bool) -> dict[str, int]:
     """The corpus counts a manifest records (one function, so every writer records them in the same order)."""
@@ -212,17 +219,22 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
             seen.add(key)
             yield text
 
+    dtype = token_dtype(tokenizer.vocab_size)
+    writers = {s: _SplitWriter(staging, s, shard_tokens, dtype) for s in SPLITS}
     try:
-        dtype = token_dtype(tokenizer.vocab_size)
-        writers = {s: _SplitWriter(staging, s, shard_tokens, dtype) for s in SPLITS}
         index = total_tokens = 0
-        for batch in _batches(unique(documents) if dedup else documents, batch_docs):
-            for text, ids in zip(batch, tokenizer.encode(batch, num_threads=workers)):
-                writers["val" if is_val(text, val_fraction) else "train"].write(f"{index:012d}", ids)
-                index += 1
-                total_tokens += len(ids)
-            if progress is not None:
-                progress(len(batch), total_tokens)
+        try:
+            for batch in _batches(unique(documents) if dedup else documents, batch_docs):
+                for text, ids in zip(batch, tokenizer.encode(batch, num_threads=workers)):
+                    writers["val" if is_val(text, val_fraction) else "train"].write(f"{index:012d}", ids)
+                    index += 1
+                    total_tokens += len(ids)
+                if progress is not None:
+                    progress(len(batch), total_tokens)
+        except BaseException:
+            for w in writers.values():
+                w.abandon()
+            raise
         for w in writers.values():
             w.close()
         check_corpus_result(index, len(writers["train"].entries), val_fraction)

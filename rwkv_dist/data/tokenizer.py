@@ -26,10 +26,11 @@ MODEL_FILE = "tokenizer.model"
 
 def train_tokenizer(documents: Iterable[str], out_dir: str | Path, vocab_size: int, model_type: str = "bpe",
                     input_sentence_size: int = 2_000_000, seed_sentencepiece_size: int = 1_000_000,
-                    num_threads: int = 2) -> Path:
+                    num_threads: int = 2, seed: int = 0) -> Path:
     """Train on `documents` (split into lines: sentencepiece learns from sentences) and write out_dir/tokenizer.model.
 
-    input_sentence_size samples that many lines (sentencepiece's own reservoir sampling) so huge corpora train fast."""
+    input_sentence_size samples that many lines (sentencepiece's own reservoir sampling) so huge corpora train fast;
+    `seed` fixes that sampling (sentencepiece draws a fresh seed per process otherwise)."""
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"tokenizer: unknown model type {model_type!r} (bpe, unigram)")
     if vocab_size < 256 + 3 + len(CONTROL_SYMBOLS) + 1:
@@ -38,6 +39,7 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | Path, vocab_size: i
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     lines = _lines(documents)
+    spm.set_random_generator_seed(seed)
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
