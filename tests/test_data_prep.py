@@ -235,6 +235,22 @@ def cli(*args, **popen) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
+def wait_for_no_task(name: str, timeout: float = 30) -> None:
+    """Until no Ray worker runs a task called `name` (a worker's process title is ray::NAME while it does)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        busy = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                busy += [p] if any(f"ray::{name}" in part for part in p.info["cmdline"] or []) else []
+            except psutil.Error:
+                pass
+        if not busy:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"Ray tasks {name} still running {timeout} s after their driver died")
+
+
 def test_driver_sigkill_then_rerun_keeps_finished_tasks(ray_instance, corpus, tmp_path):
     """SIGKILL the driver (a CLI joined to the module's Ray instance, as on a cluster) once a first task has
     finished; the same command then redoes only the rest (it says how many), and the dataset equals an uninterrupted
@@ -259,12 +275,18 @@ def test_driver_sigkill_then_rerun_keeps_finished_tasks(ray_instance, corpus, tm
     for p in alive:  # never leave a stray process behind, whatever Ray did
         p.kill()
     assert proc.returncode == -signal.SIGKILL and not (out / "manifest.json").exists()
+    wait_for_no_task("tokenize_part")  # Ray ends the dead driver's tasks: nothing writes into the staging now
+    finished = sorted((staging / "parts").glob("*.json"))
+    assert 1 <= len(finished) < 8, finished
+    # a finished part whose stream no longer matches its sha256 is redone, not trusted
+    damaged = staging / "parts" / f"{finished[0].stem}.train.bin"
+    damaged.write_bytes(b"\0" + damaged.read_bytes()[1:])
 
     rerun = cli(*args)
     stdout, stderr = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, stderr[-3000:]
     kept = int(re.search(r"tokenize 8 \((\d+) kept from an earlier run, (\d+) run now\)", stdout).group(1))
-    assert 1 <= kept < 8, stdout
+    assert kept == len(finished) - 1, stdout
     assert re.search(r"tokenize +8/8 tasks .* tokens/s +ETA", stdout), stdout
     reference = tmp_path / "reference"
     stats = CorpusStats()
