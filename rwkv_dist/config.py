@@ -157,6 +157,10 @@ class CheckpointConfig(Section):
     every_steps: int = Field(default=100, ge=1)
     keep_last: int = Field(default=3, ge=1)
     resume: str = Field(default="auto", description="auto (newest complete checkpoint, if any), none, or a step folder")
+    init_from: str | None = Field(
+        default=None, description="start from these weights: an exported .pth / .safetensors, or a run or step folder "
+                                  "of any strategy and layout; the optimizer, step, LR schedule and data position "
+                                  "start fresh. Ignored when the run resumes from a checkpoint of its own")
 
 
 class LoggingConfig(Section):

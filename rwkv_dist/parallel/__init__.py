@@ -12,3 +12,4 @@ import warnings
 # stream settings it falls back from; none of them applies to the layers used here
 warnings.filterwarnings("ignore", message=r"Transformer Engine and Apex are not installed", category=UserWarning)
 warnings.filterwarnings("ignore", message=r".*CUDA_DEVICE_MAX_CONNECTIONS", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"The following imports from `dynamic_context.py`", category=DeprecationWarning)

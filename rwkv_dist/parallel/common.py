@@ -81,11 +81,20 @@ def training_loss(cfg: RunConfig, logits: torch.Tensor, targets: torch.Tensor) -
     return loss, (l2wrap(loss, logits) if cfg.l2wrap else loss)
 
 
-def initialize(model: torch.nn.Module, seed: int, edit=None) -> None:
+def initialize(model: torch.nn.Module, seed: int, edit=None, weights: dict[str, torch.Tensor] | None = None) -> None:
     """The official initialization from a fresh seed, so the random numbers do not depend on what the construction
-    drew (a pipeline stage constructs only some modules): every strategy starts from the same weights."""
+    drew (a pipeline stage constructs only some modules): every strategy starts from the same weights. With `weights`
+    (a whole fp32 state dict, checkpoint.init_from) every parameter takes its value instead, through the same `edit`
+    protocol (rwkv_dist.model.init.init_weights), so sharded and split parameters are written the same way."""
     torch.manual_seed(seed)
-    if edit is None:
-        init_weights(model)
-    else:
-        init_weights(model, edit=edit)
+    if weights is None:
+        init_weights(model) if edit is None else init_weights(model, edit=edit)
+        return
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if edit is None:
+                param.copy_(weights[name])
+                continue
+            with edit(param) as target:
+                if target is not None:
+                    target.copy_(weights[name])

@@ -23,7 +23,8 @@ from .common import GuardedAdamW, deepspeed_config, initialize, training_loss, w
 
 
 class DataParallel:
-    def __init__(self, cfg: RunConfig, world: World, load_universal: bool = False):
+    def __init__(self, cfg: RunConfig, world: World, load_universal: bool = False, weights: dict | None = None):
+        """weights: a whole state dict to start from instead of the initialization (checkpoint.init_from)."""
         import deepspeed
 
         self.cfg, self.world = cfg, world
@@ -34,10 +35,10 @@ class DataParallel:
         ds_config = deepspeed_config(cfg, world.device, 3 if self.zero3 else 0, cfg.schedule.grad_accum, world.size,
                                      load_universal)
         if self.zero3:
-            model = self._build(ds_config)
+            model = self._build(ds_config, weights)
         else:
             model = RWKV(cfg.model, init=False)
-            initialize(model, cfg.seed)
+            initialize(model, cfg.seed, weights=weights)
         if cfg.parallel.activation_checkpointing:
             with_activation_checkpointing(model.blocks)
         o = cfg.optimizer
@@ -45,7 +46,7 @@ class DataParallel:
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=self.optimizer, config=ds_config,
                                                dist_init_required=False)
 
-    def _build(self, ds_config: dict) -> RWKV:
+    def _build(self, ds_config: dict, weights: dict | None) -> RWKV:
         import deepspeed
 
         offload = self.cfg.parallel.offload_params
@@ -57,7 +58,7 @@ class DataParallel:
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 yield param if self.world.is_main else None
 
-        initialize(model, self.cfg.seed, edit=gathered)
+        initialize(model, self.cfg.seed, edit=gathered, weights=weights)
         return model
 
     # -- training ---------------------------------------------------------------------------------------------------

@@ -231,7 +231,8 @@ def schedule(kind: str, stage: int, stages: int, micro_batches: int) -> list[tup
 
 
 class PipelineParallel:
-    def __init__(self, cfg: RunConfig, world: World, load_universal: bool = False):
+    def __init__(self, cfg: RunConfig, world: World, load_universal: bool = False, weights: dict | None = None):
+        """weights: a whole state dict to start from instead of the initialization (checkpoint.init_from)."""
         import deepspeed
 
         if load_universal:
@@ -246,7 +247,7 @@ class PipelineParallel:
         self.mpu = StageMPU(L)
         _patch_trace_check(L.stage_group)
         ds_config = deepspeed_config(cfg, world.device, 3, 1, L.replicas)
-        stage = self._build(ds_config)
+        stage = self._build(ds_config, weights)
         for p in stage.parameters():
             # the model-parallel group sums gradient norms: a parameter split over the tensor ranks (or held by this
             # stage alone) counts on every rank, a copy replicated over the tensor ranks on tensor rank 0 only
@@ -262,7 +263,7 @@ class PipelineParallel:
         self.act_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
         self.waited, self.step_stats = 0.0, {}
 
-    def _build(self, ds_config: dict) -> RWKVStage:
+    def _build(self, ds_config: dict, weights: dict | None) -> RWKVStage:
         import deepspeed
 
         L, cfg = self.layout, self.cfg
@@ -296,7 +297,7 @@ class PipelineParallel:
                     if writer:
                         own[name].copy_(shard_of(full, name, L.tensor_rank, L.tensor))
 
-        initialize(whole, cfg.seed, edit=edit)
+        initialize(whole, cfg.seed, edit=edit, weights=weights)
         return stage
 
     # -- point to point -----------------------------------------------------------------------------------------------

@@ -71,6 +71,8 @@ class Trainer:
             from ..evaluation.in_training import InTrainingEval
 
             self.downstream = InTrainingEval(cfg, source, self.tokenizer_bytes)
+        # read and checked before any process group: a wrong file is one line, not a hang
+        init_from = read_init_weights(cfg, source) if cfg.checkpoint.init_from else None
         self.world = distributed.setup()
         self.out = Path(cfg.out_dir)
         self.store = CheckpointStore(self.out / "checkpoints")
@@ -89,7 +91,10 @@ class Trainer:
             from ..parallel.pipeline import PipelineParallel as Strategy
         else:
             from ..parallel.data_parallel import DataParallel as Strategy
-        self.strategy = Strategy(cfg, self.world, load_universal=self.universal)
+        self.init_from = init_from is not None and self.resume_from is None
+        self.strategy = Strategy(cfg, self.world, load_universal=self.universal,
+                                 weights=init_from if self.init_from else None)
+        del init_from
         self.optimizer = self.strategy.optimizer
         # rank 0 of the ranks that compute the loss reports; under a pipeline that is on the last stage
         self.is_reporter = self.strategy.holds_loss and self.strategy.dp_rank == 0
@@ -327,7 +332,9 @@ class Trainer:
         if self.world.is_main:
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
         if self.is_reporter:
-            where = f"resumed from {self.resume_from}" if self.resume_from else "from scratch"
+            where = (f"resumed from {self.resume_from}" if self.resume_from else
+                     f"from the weights of {cfg.checkpoint.init_from} (fresh optimizer)" if self.init_from else
+                     "from scratch")
             layout = cfg.parallel.strategy
             if hasattr(self.strategy, "layout"):
                 L = self.strategy.layout
@@ -448,6 +455,24 @@ def check_inputs(cfg: RunConfig, where: str) -> tuple[str, bytes]:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{where}: out_dir: {out} exists and is not a folder")
     return manifests[0].tokenizer.sha256, read_bytes(shard_url(cfg.data.sources[0].location, MODEL_FILE))
+
+
+def read_init_weights(cfg: RunConfig, source: str) -> dict[str, torch.Tensor]:
+    """checkpoint.init_from as a whole fp32 state dict with this run's model shapes (every rank reads it: a recovery
+    path, where a run continues on another layout from exported weights)."""
+    from ..model import RWKV
+    from ..model.state_dict import check_state_dict, read_state_dict
+    from .weights import checkpoint_weights
+
+    path = Path(cfg.checkpoint.init_from)
+    try:
+        sd = read_state_dict(path) if path.is_file() else checkpoint_weights(path)[0]
+        with torch.device("meta"):
+            expected = RWKV(cfg.model, init=False).state_dict()
+        check_state_dict(sd, expected, str(path))
+    except CheckpointError as e:
+        raise ConfigError(f"{source}: checkpoint.init_from: {e}") from None  # e names the file
+    return {k: v.float() for k, v in sd.items()}
 
 
 def train(cfg: RunConfig, source: str = "config", resume: str | None = None) -> dict:
