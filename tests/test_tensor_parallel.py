@@ -114,6 +114,20 @@ def test_each_tensor_rank_holds_its_slice(tp_runs):
     assert max(h["model_state_bytes"] for h in held) < 0.55 * one["model_state_bytes"]
 
 
+@pytest.mark.parametrize("name, procs, stages, tensor", [("one", 1, 1, 1), ("t2", 2, 1, 2), ("t2p2", 4, 2, 2),
+                                                         ("t2d2", 4, 1, 2)])
+def test_the_planner_counts_the_bytes_each_rank_holds(tp_runs, data, name, procs, stages, tensor):
+    from rwkv_dist.config import load_run_config
+    from rwkv_dist.parallel.planner import model_state_bytes
+
+    config, *overrides = tiny(data, tp_runs[name], 1)  # only the model and the ZeRO settings matter here
+    cfg = load_run_config(config, overrides)
+    measured = [json.loads(p.read_text())["model_state_bytes"] for p in sorted((tp_runs[name] / "ranks").glob("*"))]
+    assert len(measured) == procs
+    # the planner's busiest rank (the last stage, with the head, under the pipeline)
+    assert model_state_bytes(cfg, stages, tensor, procs // (stages * tensor)) == max(measured)
+
+
 def test_tensor_parallel_collectives_stay_on_the_run_device(tp_runs):
     for path in sorted((tp_runs["t2"] / "collectives").glob("rank_*.json")):
         seen = json.loads(path.read_text())
