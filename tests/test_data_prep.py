@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -159,6 +160,33 @@ def test_existing_dataset_and_foreign_folder_are_refused(ray_instance, corpus, t
     assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
+def test_interrupted_write_phase_resumes_keeping_written_shards(ray_instance, corpus, tmp_path):
+    """A write task that fails (a folder stands where its shard goes) after others finished: the rerun keeps every
+    part and every finished write task, picks the task count of the first run, and ends with the single-process
+    dataset."""
+    files, tokenizer = corpus
+    reference = one_process(files, tokenizer, tmp_path / "one")
+    out = tmp_path / "out"
+    (out / "val-000002.tar").mkdir(parents=True)  # in the last run of shards: the write tasks before it finish
+    with pytest.raises(IsADirectoryError):
+        prepare_shards(files, tokenizer, out, workers=1, tasks=7, address=None, echo=None, **SHARDS)
+    assert not (out / "manifest.json").exists() and load_manifest_fails(out)
+    (out / "val-000002.tar").rmdir()
+    result = prepare_shards(files, tokenizer, out, workers=1, address=None, echo=None, **SHARDS)
+    # one worker runs the 7 write tasks in order: those before the failing one finished and are kept
+    names = [e.file for split in ("train", "val") for e in load_manifest(reference).splits[split]]
+    failing = next(i for i, run in enumerate(np.array_split(np.arange(len(names)), 7))
+                   if names.index("val-000002.tar") in run)
+    assert result.parts_kept == result.parts == 7 and result.writes_kept == failing > 0
+    assert_same_dataset(reference, out)
+
+
+def load_manifest_fails(location: Path) -> bool:
+    with pytest.raises(DataError, match="cannot read the dataset manifest"):
+        load_manifest(location)
+    return True
+
+
 def bad_corpus(folder: Path, good: list[Path]) -> tuple[list[Path], int]:
     """The good corpus plus: a .gz that is not gzip, a JSONL whose late lines (beyond its first range) are not JSON,
     lack the text field, or hold a number as text. Returns the files and the bad JSON line's number."""
@@ -192,6 +220,15 @@ def test_bad_input_stops_in_one_line_or_is_skipped_and_counted(ray_instance, cor
     assert str(single.value).startswith(bad_json) and str(ray_error.value).startswith(bad_json), ray_error.value
     assert "\n" not in str(ray_error.value) and "finished tasks kept" in str(ray_error.value)
     assert not (tmp_path / "one").exists() and not (tmp_path / "out" / "manifest.json").exists()
+    # and the command says it in one line (a CLI joined to the module's Ray instance)
+    import ray
+
+    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "data", "shards", "--tokenizer", str(tokenizer.path),
+                           "--input", *map(str, files), "--out", str(tmp_path / "cli"), "--ray", "--address",
+                           ray.get_runtime_context().gcs_address, "--tasks", "9"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2 and done.stderr.startswith(f"rwkv-dist data shards: error: {bad_json}"), done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
     # skip: counted in the manifest, and still the single-process dataset byte for byte
     files, _ = bad_corpus(tmp_path / "bad", good)
     reference = one_process(files, tokenizer, tmp_path / "skip-one", on_bad="skip")

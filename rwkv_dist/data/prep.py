@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -414,14 +415,16 @@ def ray_session(address: str | None, workers: int | None):
         return
     if not (address in ("local", "auto") or re.fullmatch(r"(ray://)?[\w.-]+:\d+", address or "")):
         raise DataError(f"--address must be local, auto, HOST:PORT (a head's GCS) or ray://HOST:PORT, got {address!r}")
-    env = {"env_vars": {k: os.environ[k] for k in ("TMPDIR",) if k in os.environ}}
-    if address == "local":
-        import logging
+    import logging
 
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-        ray.init(num_cpus=workers or 2, include_dashboard=False, runtime_env=env, log_to_driver=True)
+    env = {"env_vars": {k: os.environ[k] for k in ("TMPDIR",) if k in os.environ}}
+    # Ray's start-up notices (instance started, cluster joined, token authentication on) are not news here, and a
+    # bad-input error must stay the one line on stderr
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    if address == "local":
+        ray.init(num_cpus=workers or 2, include_dashboard=False, runtime_env=env, logging_level=logging.WARNING)
     else:
-        ray.init(address=address, runtime_env=env)
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING)
     try:
         yield
     finally:
@@ -438,6 +441,19 @@ def default_tasks(workers: int, total_bytes: int) -> int:
     """Enough tasks to balance `workers` (4 each) and to keep a task near 256 MiB of input on large corpora. Fixed by
     the command, not the cluster's size, so the same command resumes the same tasks."""
     return max(4 * workers, math.ceil(total_bytes / BYTES_PER_DEFAULT_TASK))
+
+
+def _task_count(staging: Path, tasks: int | None, workers: int, total_bytes: int) -> int:
+    """--tasks, else the count an interrupted run of this prep chose (kept in the staging folder: a cluster that
+    grew or shrank in between must not re-cut the inputs and redo every part), else default_tasks."""
+    saved = staging / "tasks.json"
+    if tasks is None:
+        try:
+            tasks = int(json.loads(saved.read_text())["tasks"])
+        except (OSError, ValueError, KeyError):
+            tasks = default_tasks(workers, total_bytes)
+    _write_atomic(saved, json.dumps({"tasks": tasks}).encode())
+    return tasks
 
 
 @dataclass
@@ -477,8 +493,12 @@ def prepare_shards(files: list[Path], tokenizer: Tokenizer, out: str | Path, sha
     check_prep_args(shard_tokens, val_fraction)
     if workers is not None and workers < 1:
         raise DataError(f"shards: --workers must be at least 1, got {workers}")
+    if "://" in str(out) or str(out).startswith("pipe:"):
+        raise DataError(f"{out}: --ray writes to a folder (local, or shared by the nodes); prepare there and upload "
+                        f"the finished folder to object storage")
     out = Path(out).resolve()
     _check_out(out)
+    files = [Path(os.path.abspath(f)) for f in files]  # tasks run elsewhere, in other working directories
     if on_bad == "stop":
         check_readable(files)  # before Ray starts: an unreadable input is found in seconds, not after hours
     staging = out.parent / f".{out.name}.prep"
@@ -492,7 +512,7 @@ def prepare_shards(files: list[Path], tokenizer: Tokenizer, out: str | Path, sha
 
         workers = _cluster_workers(workers)
         total_bytes = sum(os.stat(f).st_size for f in files)
-        parts = plan_parts(files, tasks or default_tasks(workers, total_bytes))
+        parts = plan_parts(files, _task_count(staging, tasks, workers, total_bytes))
         identity = {str(f): file_identity(f) for f in files}
         part_ids = [_digest({"pieces": [[p.path, p.start, p.end, *identity[p.path]] for p in pieces], **options})
                     for pieces in parts]
@@ -607,15 +627,17 @@ def sample_part(index: int, pieces: list[Piece], seed: int, threshold: int, budg
 
 def sample_documents(files: list[Path], budget_chars: int, seed: int = 0, text_field: str = "text",
                      on_bad: str = "stop", use_ray: bool = False, workers: int | None = None,
-                     tasks: int | None = None, address: str | None = "local", scratch: Path | None = None,
+                     tasks: int | None = None, address: str | None = "local", scratch: str | Path | None = None,
                      echo: Callable[[str], None] | None = print) -> tuple[list[str], CorpusStats]:
     """A uniform sample of documents over all inputs, about `budget_chars` characters, in input order: each document
     draws a number from (seed, its text) and the lowest draws are taken (corpora smaller than the budget are taken
     whole). The sample depends on the corpus, the seed and the budget only: not on workers, tasks or Ray. Documents
     with a draw above 3x the budget's share of the bytes are dropped while reading, so a task returns a few times its
-    share of the sample, not its part."""
+    share of the sample, not its part. `scratch`: a folder every node sees, for the progress line (the output's).
+    """
     if budget_chars < 1:
         raise DataError(f"tokenizer: --sample-chars must be positive, got {budget_chars}")
+    files = [Path(os.path.abspath(f)) for f in files]
     total_bytes = sum(os.stat(f).st_size for f in files)
     threshold = 2**64 if 3 * budget_chars >= total_bytes else (2**64 * 3 * budget_chars) // total_bytes
     if not use_ray:
@@ -625,12 +647,13 @@ def sample_documents(files: list[Path], budget_chars: int, seed: int = 0, text_f
         with ray_session(address, workers):
             workers = _cluster_workers(workers)
             parts = plan_parts(files, tasks or default_tasks(workers, total_bytes))
-            board = ProgressFiles(scratch or Path(os.environ.get("TMPDIR", "/tmp")))
-            progress = Progress("sample", len(parts), 0, 0, 0, echo)
-            results = run_tasks(sample_part, [(i, pieces, seed, threshold, budget_chars, text_field, on_bad)
-                                              for i, pieces in enumerate(parts)], workers, progress, board)
-            for i in range(len(parts)):
-                (board.folder / f"{i}.progress").unlink(missing_ok=True)
+            board = ProgressFiles(Path(tempfile.mkdtemp(prefix=".sample-progress-", dir=scratch)))
+            progress = Progress("sample", len(parts), 0, total_bytes, 0, echo)
+            try:
+                results = run_tasks(sample_part, [(i, pieces, seed, threshold, budget_chars, text_field, on_bad)
+                                                  for i, pieces in enumerate(parts)], workers, progress, board)
+            finally:
+                shutil.rmtree(board.folder, ignore_errors=True)
     stats = CorpusStats()
     for r in results:
         stats.add(CorpusStats.from_counts(r["stats"]))
@@ -641,8 +664,6 @@ def sample_documents(files: list[Path], budget_chars: int, seed: int = 0, text_f
 def train_tokenizer_task(texts: list[str], vocab_size: int, model_type: str, input_sentence_size: int, seed: int,
                          board=None) -> bytes:
     """sentencepiece training as a Ray task (on a cluster node, not the machine the command was typed on)."""
-    import tempfile
-
     from .tokenizer import train_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:

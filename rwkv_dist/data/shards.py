@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
 import numpy as np
-import webdataset as wds
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import DataError
@@ -25,6 +24,14 @@ from .corpus import CorpusStats, dedup_key
 from .tokenizer import MODEL_FILE, Tokenizer
 
 MANIFEST = "manifest.json"
+
+
+def _wds():
+    """webdataset, imported on first use: it imports torch (seconds), which tokenizing and planning never need."""
+    import webdataset
+
+    return webdataset
+
 FORMAT = "rwkv_dist.shards/1"
 SPLITS = ("train", "val")
 
@@ -76,7 +83,7 @@ def shard_url(location: str, file: str) -> str:
 
 
 def read_bytes(url: str) -> bytes:
-    with wds.gopen(url, "rb") as f:
+    with _wds().gopen(url, "rb") as f:
         return f.read()
 
 
@@ -103,7 +110,7 @@ class ShardTar:
         self.path, self.field = Path(path), "tokens.u16" if dtype == "uint16" else "tokens.u32"
         self.little_endian = np.dtype(dtype).newbyteorder("<")
         # fixed mtime/owner: the same input gives byte-identical tars
-        self.writer = wds.TarWriter(str(self.path), encoder=False, mtime=0.0, user="rwkv", group="rwkv")
+        self.writer = _wds().TarWriter(str(self.path), encoder=False, mtime=0.0, user="rwkv", group="rwkv")
         self.samples = self.tokens = 0
 
     def add(self, key: str, ids) -> None:
@@ -271,8 +278,9 @@ def decode_shard(data: bytes, entry: ShardEntry, dtype: str, vocab_size: int, ur
     if digest != entry.sha256:
         raise ShardDamaged(f"{url}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")
     try:
-        files = ({**f, "__url__": url} for f in wds.tariterators.tar_file_iterator(io.BytesIO(data)))
-        samples = list(wds.tariterators.group_by_keys(files))
+        tariterators = _wds().tariterators
+        files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(io.BytesIO(data)))
+        samples = list(tariterators.group_by_keys(files))
     except Exception as e:  # noqa: BLE001 - tarfile raises several types on garbage
         raise ShardDamaged(f"{url}: unreadable tar ({type(e).__name__}: {e})") from None
     field = "tokens.u16" if dtype == "uint16" else "tokens.u32"
