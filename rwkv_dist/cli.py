@@ -97,6 +97,28 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"val loss {loss:.4f}  perplexity {perplexity(loss):.3f}  ({tokens:,} tokens, ctx {ctx_len})")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .config import load_run_config
+    from .errors import ConfigError
+    from .parallel.planner import GPUS, Cluster, assumptions, plan, print_plan
+
+    cfg = load_run_config(args.config, args.overrides)
+    if args.gpu not in GPUS:
+        raise ConfigError(f"--gpu {args.gpu}: unknown GPU type (known: {', '.join(GPUS)})")
+    if args.gpus < 1 or args.gpus_per_node < 1:
+        raise ConfigError("--gpus and --gpus-per-node must be at least 1")
+    gpu = GPUS[args.gpu]
+    cluster = Cluster(args.gpus, min(args.gpus_per_node, args.gpus), gpu, args.gpu_mem or gpu.memory_gb)
+    estimates, best = plan(cfg, cluster, args.tensor, args.pipeline, args.zero)
+    if args.json:
+        print(json.dumps({"recommended": best.row(), "layouts": [dict(e.row(), time_s=e.time_s) for e in estimates],
+                          "cluster": asdict(cluster), "assumptions": assumptions()}, indent=1))
+    else:
+        print_plan(cfg, cluster, estimates, best, args.rows)
+
+
 def cmd_lm_eval(args: argparse.Namespace) -> None:
     from .evaluation.harness import lm_eval_command
 
@@ -254,6 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML with a `model:` section, e.g. configs/model/rwkv4-169m.yaml")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plan", help="memory, communication and step time of every 3D layout of a run on a GPU cluster")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.path=value")
+    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpu", default="H100", help="GPU type: A100-40G, A100-80G, H100, H200")
+    p.add_argument("--gpu-mem", type=float, help="GB per GPU (default: the type's)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--tensor", type=int, help="only layouts with this tensor-parallel degree")
+    p.add_argument("--pipeline", type=int, help="only layouts with this many pipeline stages")
+    p.add_argument("--zero", type=int, choices=(2, 3), default=3, help="ZeRO stage of the data-parallel sharding")
+    p.add_argument("--rows", type=int, default=12, help="layouts shown (fastest first)")
+    p.add_argument("--json", action="store_true", help="every layout as JSON instead of the table")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("export", help="write weights as a BlinkDL .pth or a transformers RwkvForCausalLM directory")
     p.add_argument("src", help="a .pth / .safetensors state dict with BlinkDL RWKV-4 names, or a training checkpoint "
