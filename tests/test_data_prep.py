@@ -21,7 +21,7 @@ import pytest
 
 from rwkv_dist.data import CorpusStats, Tokenizer, read_documents, train_tokenizer, write_shards
 from rwkv_dist.data.corpus import Piece, check_readable, expand_inputs, read_piece
-from rwkv_dist.data.prep import plan_parts, prepare_shards, sample_documents, train_tokenizer_on_ray
+from rwkv_dist.data.prep import Progress, plan_parts, prepare_shards, sample_documents, train_tokenizer_on_ray
 from rwkv_dist.data.shards import load_manifest, read_shard, verify
 from rwkv_dist.errors import DataError
 
@@ -116,6 +116,17 @@ def test_plan_cuts_large_jsonl_at_line_starts(corpus):
         assert len(big) == 1 if tasks == 1 else len(big) >= min(tasks - 2, 5), big
 
 
+def test_progress_line_counts_documents_tokens_rate_and_eta():
+    lines = []
+    progress = Progress("tokenize", total_tasks=8, kept=2, total_bytes=10_000, kept_bytes=2_000, echo=lines.append)
+    progress.done = 4
+    progress.update([(30, 20_000, 1_500), (20, 30_000, 500)])
+    progress.start = time.monotonic() - 10  # 10 s in: 2,000 of the 8,000 bytes left to this run read
+    progress.tick(final=True)
+    assert len(lines) == 1 and re.fullmatch(r"tokenize 4/8 tasks \(2 kept from before\)  50 docs  50,000 tokens  "
+                                            r"(5,000|4,99\d) tokens/s  ETA 0:00:3[01]", lines[0]), lines
+
+
 def test_ray_prep_is_byte_identical_for_any_workers_and_tasks(ray_instance, corpus, tmp_path):
     """1 process; Ray with 1 and 2 workers; 3 and 7 tasks: the same files, names and bytes (manifest included), each
     verified; with --dedup too, keeping the first copy of each text."""
@@ -127,6 +138,9 @@ def test_ray_prep_is_byte_identical_for_any_workers_and_tasks(ray_instance, corp
         assert_same_dataset(reference, out)
         assert verify(out)[1] == [], out
         assert 1 < result.parts <= (tasks or 4 * workers) and result.parts_kept == 0
+    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "data", "verify", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and f"all {len(list(out.glob('*.tar')))} shards match" in done.stdout, done.stderr
     manifest = load_manifest(reference)
     assert len(manifest.splits["train"]) > 7 and manifest.splits["val"], "shards must span task boundaries"
     assert "duplicate_documents" not in manifest.stats

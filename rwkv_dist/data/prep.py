@@ -333,11 +333,14 @@ class Progress:
         rate = self.tokens / elapsed
         text = (f"{self.phase:8s} {self.done}/{self.total} tasks ({self.kept} kept from before)  {self.docs:,} docs  "
                 f"{self.tokens:,} tokens  {rate:,.0f} tokens/s")
-        if self.total_bytes:
-            left = self.total_bytes - self.kept_bytes - self.bytes
+        if self.total_bytes:  # the bytes still to read at this run's reading speed
+            left = max(self.total_bytes - self.kept_bytes - self.bytes, 0)
             speed = self.bytes / elapsed
-            eta = "0:00:00" if left <= 0 else time.strftime("%H:%M:%S", time.gmtime(left / speed)) if speed else "?"
-            text += f"  ETA {eta}"
+            if speed or not left:
+                seconds = round(left / speed) if left else 0
+                text += f"  ETA {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+            else:
+                text += "  ETA ?"
         return text
 
     def tick(self, final: bool = False) -> None:
