@@ -34,6 +34,7 @@ bench: setup
 	$(PY) bench/train_throughput.py
 	$(PY) bench/zero3_memory.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/tensor_parallel.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) build *.egg-info
