@@ -8,8 +8,9 @@ times into one JSONL file under .cache/bench_prep (so the plan cuts it into byte
 work), tokenized with a 4096-token tokenizer trained on it. One local Ray instance with 2 CPUs is started once and
 warmed up (its worker processes started and their imports done), then each setting runs `prepare_shards` into a fresh
 folder: the time is the whole prep (tokenize and write phases, commit included; Ray's start-up excluded). Both runs
-must give the same dataset. The load average is printed before and after: on a shared machine other processes take
-CPU from the 2-worker run first, so read the ratio against it.
+must give the same dataset. The CPU other processes of the machine used during each run is printed (machine-wide CPU
+time minus that of this process and its Ray instance): on a shared 2-CPU machine they take CPU from the 2-worker run
+first, so read the ratio against it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,22 @@ from rwkv_dist.data.prep import prepare_shards  # noqa: E402
 
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def busy_cpu() -> tuple[float, float]:
+    """(CPU seconds used by the whole machine, by this process and its descendants: the Ray instance it started)."""
+    import psutil
+
+    t = psutil.cpu_times()
+    machine = t.user + t.nice + t.system + getattr(t, "irq", 0) + getattr(t, "softirq", 0) + getattr(t, "steal", 0)
+    ours = 0.0
+    for p in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            c = p.cpu_times()
+            ours += c.user + c.system
+        except psutil.Error:
+            pass
+    return machine, ours
 
 
 def same_dataset(a: Path, b: Path) -> bool:
@@ -63,20 +80,23 @@ def main() -> None:
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        # warm-up: both worker processes started, modules imported
-        prepare_shards(files[:40], tokenizer, root / "out-warmup", workers=2, tasks=4, address=None, echo=None)
+        # warm-up: both worker processes started, modules imported (webdataset, for the write tasks, too)
+        prepare_shards(files[:40], tokenizer, root / "out-warmup", shard_tokens=5_000, workers=2, tasks=4,
+                       address=None, echo=None)
         print(f"load average before: {load()}  (CPUs: {os.cpu_count()})")
         results = {}
         for workers in (1, 2):
-            t0 = time.perf_counter()
+            t0, (machine0, ours0) = time.perf_counter(), busy_cpu()
             result = prepare_shards([corpus], tokenizer, root / f"out-w{workers}", shard_tokens=args.shard_tokens,
                                     workers=workers, tasks=args.tasks, address=None, echo=None)
             wall = time.perf_counter() - t0
+            machine1, ours1 = busy_cpu()
+            others = max(machine1 - machine0 - (ours1 - ours0), 0) / wall
             tokens = result.manifest.stats["tokens"]
             results[workers] = tokens / wall
             print(f"ray, {workers} worker(s), {result.parts} tasks: {tokens:,} tokens in {wall:.2f} s = "
                   f"{tokens / wall:,.0f} tokens/s (tokenize phase {result.seconds['tokenize']:.2f} s, write "
-                  f"{result.seconds['write']:.2f} s)")
+                  f"{result.seconds['write']:.2f} s); other processes used {others:.2f} of the {os.cpu_count()} CPUs meanwhile")
         print(f"load average after: {load()}")
         stats, t0 = CorpusStats(), time.perf_counter()
         write_shards(read_documents([corpus], stats=stats), tokenizer, root / "out-one", stats,
