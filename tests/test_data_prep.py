@@ -239,8 +239,8 @@ def test_bad_input_stops_in_one_line_or_is_skipped_and_counted(ray_instance, cor
 
     done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "data", "shards", "--tokenizer", str(tokenizer.path),
                            "--input", *map(str, files), "--out", str(tmp_path / "cli"), "--ray", "--address",
-                           ray.get_runtime_context().gcs_address, "--tasks", "9"], capture_output=True, text=True,
-                          timeout=300)
+                           ray.get_runtime_context().gcs_address, "--tasks", "9", "--workers", "1"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stderr.startswith(f"rwkv-dist data shards: error: {bad_json}"), done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     # skip: counted in the manifest, and still the single-process dataset byte for byte
