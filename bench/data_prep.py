@@ -92,11 +92,13 @@ def main() -> None:
             wall = time.perf_counter() - t0
             machine1, ours1 = busy_cpu()
             others = max(machine1 - machine0 - (ours1 - ours0), 0) / wall
+            used = (ours1 - ours0) / wall
             tokens = result.manifest.stats["tokens"]
             results[workers] = tokens / wall
             print(f"ray, {workers} worker(s), {result.parts} tasks: {tokens:,} tokens in {wall:.2f} s = "
                   f"{tokens / wall:,.0f} tokens/s (tokenize phase {result.seconds['tokenize']:.2f} s, write "
-                  f"{result.seconds['write']:.2f} s); other processes used {others:.2f} of the {os.cpu_count()} CPUs meanwhile")
+                  f"{result.seconds['write']:.2f} s); the prep got {used:.2f} CPUs, other processes {others:.2f} of the "
+                  f"{os.cpu_count()} meanwhile")
         print(f"load average after: {load()}")
         stats, t0 = CorpusStats(), time.perf_counter()
         write_shards(read_documents([corpus], stats=stats), tokenizer, root / "out-one", stats,
