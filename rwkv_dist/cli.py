@@ -157,26 +157,29 @@ def cmd_launch(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from .sweep.runner import run_sweep
 
-    table = run_sweep(args.sweep, address=args.address, dry_run=args.dry_run)
+    table = run_sweep(args.sweep, address=args.address, dry_run=args.dry_run, status_every=args.status_every)
     if not args.dry_run:
         print(f"results: {table}")
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> None:
+    from .sweep.status import render_status
+
+    print(render_status(args.out))
 
 
 def cmd_sweep_fit(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from .sweep.fit import fit_results
+    from .sweep.fit import fit_results, summary_lines
 
     src = Path(args.results)
     csv_path = src / "results.csv" if src.is_dir() else src
     out = Path(args.out) if args.out else csv_path.parent / "fit"
-    fit = fit_results(csv_path, out, budgets=args.budgets)
-    print(f"L(N, D) = {fit['E']:.4g} + {fit['A']:.4g} / N^{fit['alpha']:.4f} + {fit['B']:.4g} / D^{fit['beta']:.4f}  "
-          f"({fit['n_points']} runs, rms log residual {fit['rms_log_residual']:.4f})")
-    for point in fit["compute_optimal"]:
-        print(f"  C = {point['flops']:.3g} FLOPs: N = {point['params']:.3g} params, D = {point['tokens']:.3g} tokens, "
-              f"predicted loss {point['loss']:.4f}")
-    print(f"wrote {out}/fit.json, " + ", ".join(str(out / name) for name in fit["plots"].values()))
+    fit = fit_results(csv_path, out, budgets=args.budgets, bootstrap_replicates=args.bootstrap, seed=args.seed,
+                      params=args.params, level=args.level)
+    print("\n".join(summary_lines(fit)))
+    print(f"wrote {out}/fit.json, {out}/report.md, " + ", ".join(str(out / name) for name in fit["plots"].values()))
 
 
 def _progress(description: str, total: int | None = None):
@@ -372,12 +375,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/tiny-cpu.yaml")
     p.add_argument("--address", default="local", help="local (a private Ray instance) or auto / ray://HOST:PORT")
     p.add_argument("--dry-run", action="store_true", help="validate every run and print the commands; start nothing")
+    p.add_argument("--status-every", type=float, default=30.0, metavar="SECONDS",
+                   help="print the status table this often while runs go on (0: only at the end)")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("sweep-fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a sweep's results; plots")
+    p = sub.add_parser("sweep-status", help="where a sweep stands: run, status, step/total, loss, ETA (from its folder)")
+    p.add_argument("out", help="the sweep's out_dir")
+    p.set_defaults(func=cmd_sweep_status)
+
+    p = sub.add_parser("sweep-fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta (and isoFLOP "
+                                          "parabolas) to a sweep's results; intervals, plots, report")
     p.add_argument("results", help="results.csv or the sweep's out_dir")
     p.add_argument("--out", help="folder for fit.json and the PNGs (default: next to results.csv, fit/)")
-    p.add_argument("--budgets", type=float, nargs="+", help="FLOP budgets for the compute-optimal N, D")
+    p.add_argument("--budgets", type=float, nargs="+", help="FLOP budgets for the compute-optimal N, D (default: the "
+                                                            "sweep's own budgets, else 1-1000x the largest run)")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="B", help="intervals from B bootstrap replicates "
+                                                                         "(runs resampled; e.g. 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--level", type=_unit_interval("--level"), default=0.9, help="interval coverage (default 0.9)")
+    p.add_argument("--params", choices=["total", "non-embedding"], default="total",
+                   help="N: every parameter, or without the V x D embedding and head")
     p.set_defaults(func=cmd_sweep_fit)
 
     ckpt_help = "training checkpoint (step or run folder) or a BlinkDL .pth / .safetensors"

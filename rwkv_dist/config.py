@@ -129,6 +129,10 @@ class ScheduleConfig(Section):
     global_batch_size: int = Field(ge=1, description="sequences per optimizer step, over all ranks")
     micro_batch_size: int = Field(ge=1, description="sequences per rank per forward/backward")
     grad_accum: int = Field(default=1, ge=1)
+    segment_len: int | None = Field(default=None, ge=1, description="tokens per segment: each window runs as ctx_len / "
+                                    "segment_len segments carrying the model state, with the exact gradient and the "
+                                    "activation memory of one segment (rwkv_dist/train/segmented.py); default: "
+                                    "ctx_len (one segment)")
 
 
 class ParallelConfig(Section):
@@ -252,6 +256,7 @@ class RunConfig(Section):
                 raise ValueError(f"parallel.{flag} needs strategy zero3 or pipeline")
         self._check_pipeline()
         self._check_tensor()
+        self._check_segments()
         if self.schedule.global_batch_size % (self.schedule.micro_batch_size * self.schedule.grad_accum):
             raise ValueError(f"schedule.global_batch_size ({self.schedule.global_batch_size}) is not a multiple of "
                              f"micro_batch_size x grad_accum ({self.schedule.micro_batch_size} x {self.schedule.grad_accum})")
@@ -279,6 +284,21 @@ class RunConfig(Section):
         if self.schedule.grad_accum < p.pipeline_stages:
             raise ValueError(f"schedule.grad_accum ({self.schedule.grad_accum}) is below parallel.pipeline_stages "
                              f"({p.pipeline_stages}): a pipeline needs at least one micro-batch per stage per step")
+
+    def _check_segments(self) -> None:
+        seg, ctx = self.schedule.segment_len, self.model.ctx_len
+        if seg is None or seg == ctx:
+            return
+        if ctx % seg:
+            raise ValueError(f"schedule.segment_len ({seg}) does not divide model.ctx_len ({ctx})")
+        if self.parallel.strategy not in ("zero3", "ddp") or self.parallel.tensor > 1:
+            raise ValueError(f"schedule.segment_len ({seg} < ctx_len {ctx}) needs strategy zero3 or ddp without "
+                             f"tensor parallelism")
+
+    @property
+    def segmented(self) -> bool:
+        """Whether windows train in segments shorter than ctx_len."""
+        return self.schedule.segment_len is not None and self.schedule.segment_len < self.model.ctx_len
 
     def _check_tensor(self) -> None:
         T, m = self.parallel.tensor, self.model

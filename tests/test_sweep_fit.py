@@ -261,3 +261,167 @@ def test_missing_file_raises_data_error(tmp_path):
     path = tmp_path / "nope.csv"
     with pytest.raises(DataError, match="nope.csv: cannot read"):
         fit_results(path, tmp_path / "out")
+
+
+# ------------------------------------------------------------------------------------------------ WSD schedule
+
+
+def test_wsd_schedule_warmup_constant_then_decay_to_lr_final(repo):
+    from rwkv_dist.config import load_run_config
+    from rwkv_dist.train import lr_at
+
+    demo = repo / "configs" / "demo.yaml"
+    for shape in ("linear", "1-sqrt"):
+        opt = load_run_config(demo, ["optimizer.schedule=wsd", "optimizer.warmup_steps=10", "schedule.steps=100",
+                                     "optimizer.decay_fraction=0.2", f"optimizer.decay_shape={shape}"]).optimizer
+        lrs = [lr_at(s, opt, 100) for s in range(100)]
+        assert lrs[0] == pytest.approx(0.2 * opt.lr_init) and lrs[5] == pytest.approx(0.6 * opt.lr_init)
+        assert opt.decay_start(100) == 80 and set(lrs[10:80]) == {opt.lr_init}
+        assert all(a > b for a, b in zip(lrs[79:], lrs[80:])) and lrs[-1] == pytest.approx(opt.lr_final)
+        middle = opt.lr_final + (opt.lr_init - opt.lr_final) * (0.5 if shape == "linear" else 1 - math.sqrt(0.5))
+        assert lrs[89] == pytest.approx(middle)  # step 89 is 10 of 20 decay steps
+        # before its decay a run's LRs do not depend on its length: what lets a cooldown branch off a constant run
+        for longer in (137, 1000):
+            assert [lr_at(s, opt, longer) for s in range(80)] == lrs[:80]
+    constant = load_run_config(demo, ["optimizer.schedule=wsd", "optimizer.decay_fraction=0"]).optimizer
+    assert {lr_at(s, constant, 600) for s in range(20, 600)} == {constant.lr_init}
+
+
+def test_wsd_warmup_into_the_decay_is_one_config_error(repo):
+    from rwkv_dist.config import load_run_config
+    from rwkv_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"warmup_steps \(50\) runs into the wsd decay, which starts at step 40"):
+        load_run_config(repo / "configs" / "demo.yaml", ["optimizer.schedule=wsd", "optimizer.warmup_steps=50",
+                                                         "schedule.steps=50", "optimizer.decay_fraction=0.2"])
+
+
+# ------------------------------------------------------------------------------------------------ uncertainty
+
+
+def test_bootstrap_intervals_cover_the_true_exponents_in_repeated_draws():
+    """Calibration, not one lucky draw: 50 independent noisy sweeps (5 sizes x 5 budgets, 0.5% noise), 90% percentile
+    intervals from 100 bootstrap replicates each; the true alpha and beta must be inside in >= 80% of the draws."""
+    from rwkv_dist.sweep.fit import FlopsModel, Points, bootstrap, interval
+
+    hits = {"alpha": 0, "beta": 0}
+    draws = 50
+    for seed in range(draws):
+        N, D, L = synthetic(noise=0.005, seed=100 + seed, sizes=5, budgets=5)
+        fit = fit_loss(N, D, L)
+        points = Points([str(i) for i in range(N.size)], N, D, 6 * N * D, L)
+        samples = bootstrap(points, fit, FlopsModel(), np.array([1e20]), replicates=100, seed=seed)
+        for key in hits:
+            low, high = interval(samples["approach3"][key], 0.9)
+            hits[key] += low <= TRUE[key] <= high
+    coverage = {k: v / draws for k, v in hits.items()}
+    assert min(coverage.values()) >= 0.8, coverage
+    assert max(coverage.values()) < 1.0 or draws < 50, coverage  # intervals are not uselessly wide either
+
+
+def test_bootstrap_is_seeded_and_drops_unfittable_replicates(tmp_path):
+    rows = synthetic_rows()
+    path = write_csv(tmp_path / "results.csv", rows)
+    a = fit_results(path, tmp_path / "a", bootstrap_replicates=30, seed=7)
+    b = fit_results(path, tmp_path / "b", bootstrap_replicates=30, seed=7)
+    c = fit_results(path, tmp_path / "c", bootstrap_replicates=30, seed=8)
+    assert a["intervals"] == b["intervals"] != c["intervals"]
+    for key, (low, high) in a["intervals"].items():
+        assert low <= high
+    assert a["bootstrap"]["dropped"]["approach3"] >= 0
+    for p in a["compute_optimal"]:
+        assert p["params_ci"][0] < p["params"] < p["params_ci"][1]
+
+
+# ------------------------------------------------------------------------------------------------ approach 2
+
+
+def isoflop_rows(noise: float = 0.0, seed: int = 0, k: float = 6.0, gamma: float = 1.0) -> list[dict]:
+    """An isoFLOP sweep of the true law: 4 budgets x 7 sizes spanning the optimum, tokens = C / (k N^gamma)."""
+    fit = LossFit(**TRUE, rms=0.0, n_points=0)
+    model = __import__("rwkv_dist.sweep.fit", fromlist=["FlopsModel"]).FlopsModel(k, gamma)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in (1e18, 1e19, 1e20, 1e21):
+        n_opt, _ = compute_optimal(fit, c, model)
+        for n in n_opt * np.logspace(-1, 1, 7):
+            d = c / (k * n ** gamma)
+            loss = fit.predict(n, d) * math.exp(noise * rng.normal())
+            rows.append({"run": f"C{c:g}-N{n:.3g}", "params": int(n), "params_non_embedding": int(n * 0.8),
+                         "tokens": int(d), "flops": c, "budget": c, "train_loss": loss, "val_loss": loss,
+                         "status": "done", "role": "branch", "flops_spent": c * 0.3})
+    return rows
+
+
+def test_approach2_recovers_the_compute_optimal_exponents():
+    from rwkv_dist.sweep.fit import FlopsModel, fit_isoflop
+
+    fit = LossFit(**TRUE, rms=0.0, n_points=0)
+    for k, gamma in ((6.0, 1.0), (9.0, 0.9)):  # 6ND, and a model whose FLOPs/token grow slower than N
+        points = finished_points(isoflop_rows(k=k, gamma=gamma))
+        model = FlopsModel.of(points)
+        assert model.k == pytest.approx(k, rel=0.02) and model.gamma == pytest.approx(gamma, abs=0.002)
+        iso = fit_isoflop(points, model)
+        expected = TRUE["beta"] / (TRUE["alpha"] + gamma * TRUE["beta"])  # N_opt ~ C^a, Approach 3's closed form
+        assert iso.a == pytest.approx(expected, abs=0.02) and iso.b == pytest.approx(1 - gamma * expected, abs=0.02)
+        assert np.all(iso.inside)
+        n3, _ = compute_optimal(fit, iso.budgets, model)
+        np.testing.assert_allclose(iso.n_opt, n3, rtol=0.15)  # parabola minima near the true optimum
+
+
+@pytest.mark.parametrize("flops", [1e17, 1e22])
+def test_compute_optimal_with_the_models_own_flops_matches_numeric_minimum(flops):
+    from rwkv_dist.sweep.fit import FlopsModel
+
+    fit, model = LossFit(**TRUE, rms=0.0, n_points=0), FlopsModel(9.0, 0.9)
+    n_opt, d_opt = compute_optimal(fit, flops, model)
+    assert 9.0 * n_opt ** 0.9 * d_opt == pytest.approx(flops, rel=1e-12)
+    numeric = minimize_scalar(lambda x: fit.predict(math.exp(x), flops / (9.0 * math.exp(x) ** 0.9)),
+                              bounds=(0.0, math.log(flops)), method="bounded", options={"xatol": 1e-10})
+    assert n_opt == pytest.approx(math.exp(numeric.x), rel=0.01)
+
+
+def test_fit_results_isoflop_report_with_both_approaches_and_intervals(tmp_path):
+    rows = isoflop_rows(noise=0.003)
+    rows.append({"run": "const", "params": 10**7, "params_non_embedding": 8 * 10**6, "tokens": 10**9, "flops": 6e16,
+                 "budget": "", "train_loss": 9.0, "val_loss": 9.0, "status": "done", "role": "constant",
+                 "flops_spent": 6e16})
+    columns = ["run", "role", "params", "params_non_embedding", "tokens", "flops", "budget", "train_loss", "val_loss",
+               "status", "flops_spent"]
+    path = write_csv(tmp_path / "results.csv", rows, columns)
+    result = fit_results(path, tmp_path / "out", bootstrap_replicates=40, seed=1)
+    assert result["n_points"] == 28  # the constant-LR run is not a data point
+    two = result["approach2"]
+    assert two["a"] == pytest.approx(TRUE["beta"] / (TRUE["alpha"] + TRUE["beta"]), abs=0.03)
+    assert two["a_ci"][0] < two["a"] < two["a_ci"][1] and two["b_ci"][0] < two["b"] < two["b_ci"][1]
+    assert [p["flops"] for p in result["compute_optimal"]] == [1e18, 1e19, 1e20, 1e21]  # the sweep's own budgets
+    for p in result["compute_optimal"] + two["compute_optimal"]:
+        assert p["loss_ci"][0] <= p["loss"] <= p["loss_ci"][1]
+    spent = result["compute_spent"]
+    assert spent["flops_spent"] == pytest.approx(sum(r["flops_spent"] for r in rows))
+    assert spent["saved_fraction"] == pytest.approx(1 - spent["flops_spent"] / sum(r["flops"] for r in rows[:-1]))
+    for name in ("isoflop.png", "loss_vs_compute.png", "n_opt_vs_compute.png", "fit_vs_observed.png"):
+        check_png(tmp_path / "out" / name)
+        assert f"]({name})" in (tmp_path / "out" / "report.md").read_text()
+    non_emb = fit_results(path, tmp_path / "ne", params="non-embedding")
+    assert non_emb["definitions"]["params"].startswith("non-embedding")
+    assert non_emb["compute_optimal"][0]["params"] == pytest.approx(0.8 * result["compute_optimal"][0]["params"],
+                                                                    rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ learning rates
+
+
+def test_lr_axis_keeps_the_best_lr_per_point_and_fits_its_power_law(tmp_path):
+    rows = []
+    for i, row in enumerate(synthetic_rows(noise=0.0)):
+        best = 0.02 * row["params"] ** -0.3  # true optimum lr_opt = 0.02 N^-0.3
+        for lr in best * np.array([0.5, 1.0, 2.0]):
+            penalty = 1 + 0.05 * math.log(lr / best) ** 2  # a worse LR, a higher loss
+            rows.append({**row, "run": f"{row['run']}-lr{lr:.3g}", "lr": lr, "val_loss": row["val_loss"] * penalty})
+    path = write_csv(tmp_path / "results.csv", rows, COLUMNS + ["lr"])
+    result = fit_results(path, tmp_path / "out")
+    info = result["learning_rate"]
+    assert info["runs_compared"] == 48 and info["points_kept"] == result["n_points"] == 16
+    assert info["power_law"]["g"] == pytest.approx(-0.3, abs=1e-6)
+    assert result["alpha"] == pytest.approx(TRUE["alpha"], abs=1e-4)  # the best-LR points are the true law

@@ -58,13 +58,40 @@ class LossFit:
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == gives arrays, not a bool
 class Points:
-    """The finished runs of a results table, as arrays."""
+    """The finished runs of a results table, as arrays (budget and lr NaN where the table has none)."""
 
     runs: list[str]
     params: np.ndarray
     tokens: np.ndarray
     flops: np.ndarray
     loss: np.ndarray
+    budget: np.ndarray | None = None
+    lr: np.ndarray | None = None
+
+    def take(self, index: np.ndarray) -> "Points":
+        return Points([self.runs[i] for i in index], *(None if a is None else a[index] for a in
+                                                        (self.params, self.tokens, self.flops, self.loss, self.budget,
+                                                         self.lr)))
+
+
+@dataclass(frozen=True)
+class FlopsModel:
+    """Training FLOPs per token as k N^gamma, fitted to the runs' own FLOPs/tokens (the model's count, which for
+    RWKV-4 is 6 N_matmul + 6 V D: not exactly proportional to N). C = 6 N D is k = 6, gamma = 1."""
+
+    k: float = 6.0
+    gamma: float = 1.0
+
+    def per_token(self, n: ArrayLike) -> np.ndarray:
+        return self.k * np.asarray(n, dtype=float) ** self.gamma
+
+    @staticmethod
+    def of(points: "Points") -> "FlopsModel":
+        n, per = np.unique(np.stack([points.params, points.flops / points.tokens], axis=1), axis=0).T
+        if np.unique(n).size < 2:
+            return FlopsModel(float(np.median(per / n)), 1.0)
+        gamma, log_k = np.polyfit(np.log(n), np.log(per), 1)
+        return FlopsModel(float(math.exp(log_k)), float(gamma))
 
 
 # ---------------------------------------------------------------------------------------------------------- reading
@@ -88,23 +115,34 @@ def read_results(csv_path: str | Path) -> list[dict[str, str]]:
     return rows
 
 
-def finished_points(rows: Sequence[Mapping[str, Any]], source: str = "rows", first_line: int | None = None) -> Points:
-    """Rows with status "done" as arrays; others are skipped unread (a failed run may have empty losses).
+PARAMS_COLUMNS = {"total": "params", "non-embedding": "params_non_embedding"}
+PARAMS_MEANING = {"total": "total parameters (embedding, head and blocks)",
+                  "non-embedding": "non-embedding parameters (the V x D embedding and head excluded)"}
+
+
+def finished_points(rows: Sequence[Mapping[str, Any]], source: str = "rows", first_line: int | None = None,
+                    params: str = "total") -> Points:
+    """Rows with status "done" as arrays; others are skipped unread (a failed run may have empty losses), and so are
+    the constant-LR runs of WSD sweeps (role "constant": their LR never decayed, they are not data points).
 
     `source` names the table in error messages; with `first_line` (2 for a CSV: line 1 is the header) they give the
-    file line, otherwise the 1-based row index.
+    file line, otherwise the 1-based row index. `params` picks the definition of N: total or non-embedding.
     """
+    column = PARAMS_COLUMNS[params]
     runs, values = [], []
     for i, row in enumerate(rows):
-        if str(row.get("status", "")).strip() != "done":
+        if str(row.get("status", "")).strip() != "done" or str(row.get("role", "")).strip() == "constant":
             continue
         where = f"{source}: line {first_line + i}" if first_line is not None else f"{source}: row {i + 1}"
         val_loss = _positive(row, "val_loss", where, optional=True)
         loss = val_loss if val_loss is not None else _positive(row, "train_loss", where)
-        values.append((_positive(row, "params", where), _positive(row, "tokens", where),
-                       _positive(row, "flops", where), loss))
+        budget = _positive(row, "budget", where, optional=True) if "budget" in row else None
+        lr = _positive(row, "lr", where, optional=True) if "lr" in row else None
+        values.append((_positive(row, column, where), _positive(row, "tokens", where),
+                       _positive(row, "flops", where), loss, math.nan if budget is None else budget,
+                       math.nan if lr is None else lr))
         runs.append(str(row.get("run", "")))
-    table = np.array(values, dtype=float).reshape(-1, 4)
+    table = np.array(values, dtype=float).reshape(-1, 6)
     return Points(runs, *table.T)
 
 
@@ -130,13 +168,14 @@ def _positive(row: Mapping[str, Any], key: str, where: str, optional: bool = Fal
 
 
 def fit_loss(N: ArrayLike, D: ArrayLike, L: ArrayLike, *, huber_delta: float = HUBER_DELTA,
-             source: str = "fit_loss") -> LossFit:
+             source: str = "fit_loss", start: LossFit | None = None) -> LossFit:
     """Fit L(N, D) = E + A / N^alpha + B / D^beta, robustly, in log space.
 
     Minimizes the Huber loss of log(E + A N^-alpha + B D^-beta) - log(L) (Hoffmann et al.): log residuals weigh
     small and large models alike. Parameters are (log E, log A, alpha, log B, beta), which keeps E, A, B > 0.
     Starting points come from a grid over (alpha, beta) where, for each pair, the model is linear in E, A, B and is
-    solved by non-negative least squares; the best few are refined with scipy's least_squares.
+    solved by non-negative least squares; the best few are refined with scipy's least_squares. With `start` (a fit
+    of similar data: a bootstrap replicate starts from the full fit) only that fit is refined, without the grid.
     """
     n, d, loss = _check_points(N, D, L, source)
     log_loss = np.log(loss)
@@ -150,9 +189,13 @@ def fit_loss(N: ArrayLike, D: ArrayLike, L: ArrayLike, *, huber_delta: float = H
     upper = np.array([hi_log, hi_log, EXPONENT_BOUNDS[1], hi_log, EXPONENT_BOUNDS[1]])
 
     best = None
-    for start in _grid_starts(x, y, loss, huber_delta):
-        start = np.clip(start, lower + 1e-9, upper - 1e-9)
-        result = least_squares(_residuals, start, jac=_jacobian, bounds=(lower, upper), args=(x, y, log_loss),
+    starts = [] if start is not None else list(_grid_starts(x, y, loss, huber_delta))
+    if start is not None:
+        starts.insert(0, np.array([math.log(start.E), math.log(start.A) - start.alpha * n0, start.alpha,
+                                   math.log(start.B) - start.beta * d0, start.beta]))
+    for theta in starts:
+        theta = np.clip(theta, lower + 1e-9, upper - 1e-9)
+        result = least_squares(_residuals, theta, jac=_jacobian, bounds=(lower, upper), args=(x, y, log_loss),
                                loss="huber", f_scale=huber_delta, x_scale="jac", xtol=1e-12, ftol=1e-12,
                                gtol=1e-12, max_nfev=2000)
         if best is None or result.cost < best.cost:
@@ -195,7 +238,8 @@ def _check_points(N: ArrayLike, D: ArrayLike, L: ArrayLike, source: str) -> tupl
     return tuple(arrays)
 
 
-def _grid_starts(x: np.ndarray, y: np.ndarray, loss: np.ndarray, huber_delta: float) -> Iterator[np.ndarray]:
+def _grid_starts(x: np.ndarray, y: np.ndarray, loss: np.ndarray, huber_delta: float,
+                 count: int = N_STARTS) -> Iterator[np.ndarray]:
     """The N_STARTS best (log E, log A_c, alpha, log B_c, beta) over the exponent grid, best first."""
     scored = []
     for alpha in EXPONENT_GRID:
@@ -211,7 +255,7 @@ def _grid_starts(x: np.ndarray, y: np.ndarray, loss: np.ndarray, huber_delta: fl
     if not scored:  # no grid point gave a positive prediction: start from equal thirds of the typical loss
         third = math.log(float(np.median(loss)) / 3)
         yield np.array([third, third, 0.3, third, 0.3])
-    for _, alpha, beta, (e, a_c, b_c) in scored[:N_STARTS]:
+    for _, alpha, beta, (e, a_c, b_c) in scored[:count]:
         # A zero coefficient has no log; the caller clips -inf to the lower bound.
         with np.errstate(divide="ignore"):
             yield np.array([np.log(e), np.log(a_c), alpha, np.log(b_c), beta])
@@ -242,25 +286,177 @@ def _jacobian(theta: np.ndarray, x: np.ndarray, y: np.ndarray, log_loss: np.ndar
 # ------------------------------------------------------------------------------------------------- compute-optimal
 
 
-def compute_optimal(fit: LossFit, flops: ArrayLike) -> tuple[float | np.ndarray, float | np.ndarray]:
-    """(N_opt, D_opt) minimizing fit.predict(N, D) subject to 6 N D = flops.
+def compute_optimal(fit: LossFit, flops: ArrayLike, flops_model: FlopsModel | None = None
+                    ) -> tuple[float | np.ndarray, float | np.ndarray]:
+    """(N_opt, D_opt) minimizing fit.predict(N, D) subject to flops = k N^gamma D (default k = 6, gamma = 1: 6ND).
 
-    Setting dL/dN = 0 along D = C / (6N) gives N_opt = G (C/6)^(beta/(alpha+beta)) with
-    G = (alpha A / (beta B))^(1/(alpha+beta)), and D_opt = (C/6) / N_opt. Floats for scalar input, else arrays.
+    Along D = (C/k) N^-gamma, dL/dN = 0 gives N_opt = G (C/k)^(beta/(alpha+gamma beta)) with
+    G = (alpha A / (gamma beta B))^(1/(alpha+gamma beta)), and D_opt = (C/k) / N_opt^gamma (for 6ND:
+    N_opt = G (C/6)^(beta/(alpha+beta))). Floats for scalar input, else arrays.
     """
+    m = flops_model or FlopsModel()
     c = np.asarray(flops, dtype=float)
     if not np.all(np.isfinite(c) & (c > 0)):
         raise ValueError(f"compute_optimal: FLOP budgets must be positive and finite, got {flops!r}")
     if not (fit.A > 0 and fit.B > 0 and fit.alpha > 0 and fit.beta > 0):
         raise ValueError(f"compute_optimal: the fit has no N/D trade-off (needs A, B, alpha, beta > 0): {fit}")
-    s = fit.alpha + fit.beta
+    s = fit.alpha + m.gamma * fit.beta
     # In logs: A and B can be large enough (A ~ e^40 for alpha ~ 2) that alpha*A/(beta*B) over/underflows.
-    log_g = (math.log(fit.alpha * fit.A) - math.log(fit.beta * fit.B)) / s
-    n_opt = np.exp(log_g + fit.beta / s * np.log(c / 6))
-    d_opt = c / 6 / n_opt
+    log_g = (math.log(fit.alpha * fit.A) - math.log(m.gamma * fit.beta * fit.B)) / s
+    n_opt = np.exp(log_g + fit.beta / s * np.log(c / m.k))
+    d_opt = c / m.per_token(n_opt)
     if c.ndim == 0:
         return float(n_opt), float(d_opt)
     return n_opt, d_opt
+
+
+# ------------------------------------------------------------------------------------------------ approach 2
+
+
+@dataclass(frozen=True)
+class IsoFlopFit:
+    """Chinchilla's Approach 2: per budget a parabola of loss in ln N; its minimum; power laws through the minima."""
+
+    budgets: np.ndarray  # the budgets with a minimum (a parabola opening upwards), ascending
+    parabolas: np.ndarray  # [budget, 3]: loss = p0 (ln N)^2 + p1 ln N + p2
+    n_opt: np.ndarray
+    d_opt: np.ndarray
+    loss_opt: np.ndarray
+    inside: np.ndarray  # whether the minimum lies within the sizes run at that budget (else an extrapolation)
+    a: float  # N_opt = n_coef C^a
+    n_coef: float
+    b: float  # D_opt = d_coef C^b
+    d_coef: float
+    l_slope: float  # L_opt = l_coef C^l_slope, to read the loss at budgets that were not run
+    l_coef: float
+    skipped: tuple[str, ...] = ()  # budgets without a usable parabola, and why
+
+    def at(self, flops: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        c = np.asarray(flops, dtype=float)
+        return self.n_coef * c ** self.a, self.d_coef * c ** self.b, self.l_coef * c ** self.l_slope
+
+
+def fit_isoflop(points: Points, flops_model: FlopsModel, source: str = "fit_isoflop") -> IsoFlopFit:
+    """Approach 2 on the runs that name a budget: needs >= 2 budgets with >= 3 distinct sizes each."""
+    if points.budget is None or np.all(np.isnan(points.budget)):
+        raise DataError(f"{source}: no 'budget' values: Approach 2 needs an isoFLOP sweep (grid.budgets)")
+    budgets, parabolas, n_opt, loss_opt, inside, skipped = [], [], [], [], [], []
+    for c in np.unique(points.budget[~np.isnan(points.budget)]):
+        mine = points.budget == c
+        x, y = np.log(points.params[mine]), points.loss[mine]
+        if np.unique(x).size < 3:
+            skipped.append(f"{c:.3g}: {np.unique(x).size} distinct sizes (a parabola needs 3)")
+            continue
+        p = np.polyfit(x, y, 2)
+        if p[0] <= 0:
+            skipped.append(f"{c:.3g}: loss has no minimum in N (the parabola opens downwards)")
+            continue
+        x_min = -p[1] / (2 * p[0])
+        budgets.append(c)
+        parabolas.append(p)
+        n_opt.append(math.exp(x_min))
+        loss_opt.append(float(np.polyval(p, x_min)))
+        inside.append(bool(x.min() <= x_min <= x.max()))
+    if len(budgets) < 2:
+        raise DataError(f"{source}: Approach 2 needs at least 2 budgets with a minimum, got {len(budgets)}"
+                        + (f" ({'; '.join(skipped)})" if skipped else ""))
+    c, n = np.array(budgets), np.array(n_opt)
+    d = c / flops_model.per_token(n)
+    lc = np.log(c)
+    a, log_n = np.polyfit(lc, np.log(n), 1)
+    b, log_d = np.polyfit(lc, np.log(d), 1)
+    ls, log_l = np.polyfit(lc, np.log(loss_opt), 1)
+    return IsoFlopFit(c, np.array(parabolas), n, d, np.array(loss_opt), np.array(inside), float(a),
+                      float(math.exp(log_n)), float(b), float(math.exp(log_d)), float(ls), float(math.exp(log_l)),
+                      tuple(skipped))
+
+
+# ------------------------------------------------------------------------------------------------ uncertainty
+
+
+def bootstrap(points: Points, fit: LossFit, flops_model: FlopsModel, budgets: np.ndarray, replicates: int,
+              seed: int = 0, iso: IsoFlopFit | None = None) -> dict[str, Any]:
+    """Percentile-bootstrap samples of every fitted number, by resampling runs with replacement (Besiroglu et al.
+    2024: the intervals must come from the runs, not from the fit's curvature).
+
+    Approach 3: runs drawn from all finished runs; each replicate refits from the full fit (no grid search: ~3 ms).
+    Approach 2: runs drawn within each budget (so every budget keeps its parabola). A replicate that cannot be fitted
+    (too few distinct sizes or token counts drawn, no minimum) is dropped and counted. Returns arrays of samples.
+    """
+    rng = np.random.default_rng(seed)
+    count = len(points.loss)
+    out: dict[str, list] = {k: [] for k in ("E", "A", "alpha", "B", "beta", "n_opt", "d_opt", "loss")}
+    dropped = 0
+    for _ in range(replicates):
+        pick = rng.integers(0, count, count)
+        try:
+            f = fit_loss(points.params[pick], points.tokens[pick], points.loss[pick], start=fit)
+        except DataError:
+            dropped += 1
+            continue
+        with np.errstate(all="ignore"):
+            n, d = compute_optimal(f, budgets, flops_model)
+            loss = f.predict(n, d)
+        if not np.all(np.isfinite([n, d, loss])) or not np.all(n > 0):  # an optimum beyond float range
+            dropped += 1
+            continue
+        for key, value in (*f.coefficients().items(), ("n_opt", n), ("d_opt", d), ("loss", loss)):
+            out[key].append(value)
+    samples = {"approach3": {k: np.array(v) for k, v in out.items()}, "approach3_dropped": dropped}
+    if iso is not None:
+        groups = [np.flatnonzero(points.budget == c) for c in iso.budgets]
+        two: dict[str, list] = {k: [] for k in ("a", "b", "n_opt", "d_opt", "loss")}
+        dropped = 0
+        for _ in range(replicates):
+            pick = np.concatenate([rng.choice(g, g.size) for g in groups])
+            try:
+                r = fit_isoflop(points.take(pick), flops_model)
+            except DataError:
+                dropped += 1
+                continue
+            if r.budgets.size != iso.budgets.size:  # a budget lost its minimum: not comparable
+                dropped += 1
+                continue
+            n, d, loss = r.at(budgets)
+            if not np.all(np.isfinite([n, d, loss])):
+                dropped += 1
+                continue
+            for key, value in (("a", r.a), ("b", r.b), ("n_opt", n), ("d_opt", d), ("loss", loss)):
+                two[key].append(value)
+        samples["approach2"] = {k: np.array(v) for k, v in two.items()}
+        samples["approach2_dropped"] = dropped
+    return samples
+
+
+def interval(samples: np.ndarray, level: float) -> list | None:
+    """The central `level` percentile interval of bootstrap samples (per column for 2-D samples)."""
+    if samples.size == 0:
+        return None
+    tail = (1 - level) / 2 * 100
+    return np.percentile(samples, [tail, 100 - tail], axis=0).tolist()
+
+
+# ------------------------------------------------------------------------------------------------ learning rates
+
+
+def best_lr_points(points: Points) -> tuple[Points, dict[str, Any] | None]:
+    """With an LR axis: per (N, D) the run with the lowest loss, and the best LR per size with a power law in N
+    (per size: the LR of its lowest-loss run, i.e. at its largest budget). Without one: the points unchanged."""
+    if points.lr is None or np.unique(points.lr[~np.isnan(points.lr)]).size < 2:
+        return points, None
+    keep = []
+    for key in np.unique(np.stack([points.params, points.tokens], axis=1), axis=0):
+        mine = np.flatnonzero((points.params == key[0]) & (points.tokens == key[1]))
+        keep.append(mine[np.argmin(points.loss[mine])])
+    keep = np.array(sorted(keep))
+    sizes = np.unique(points.params)
+    best = [float(points.lr[points.params == n][np.argmin(points.loss[points.params == n])]) for n in sizes]
+    info: dict[str, Any] = {"best_lr": [{"params": float(n), "lr": lr} for n, lr in zip(sizes, best)],
+                            "runs_compared": int(points.loss.size), "points_kept": int(keep.size)}
+    if sizes.size >= 2:
+        slope, log_c = np.polyfit(np.log(sizes), np.log(best), 1)
+        info["power_law"] = {"form": "lr_opt = c N^g", "c": float(math.exp(log_c)), "g": float(slope)}
+    return points.take(keep), info
 
 
 # ---------------------------------------------------------------------------------------------------------- plots
@@ -294,9 +490,12 @@ def _human(n: float) -> str:
     return f"{n:.3g}"
 
 
-def plot_loss_vs_compute(rows: Sequence[Mapping[str, Any]], fit: LossFit, path: str | Path) -> Path:
-    """PNG of loss vs training FLOPs, one series per model size, plus the fit's compute-optimal frontier."""
-    points = finished_points(rows)
+def plot_loss_vs_compute(rows: Sequence[Mapping[str, Any]] | Points, fit: LossFit, path: str | Path,
+                         flops_model: FlopsModel | None = None, band: tuple[np.ndarray, np.ndarray, np.ndarray] |
+                         None = None, level: float = 0.9) -> Path:
+    """PNG of loss vs training FLOPs, one series per model size, the fit's compute-optimal frontier and, with
+    `band` = (budgets, low, high), its bootstrap interval."""
+    points = rows if isinstance(rows, Points) else finished_points(rows)
     fig, ax = _figure(f"Loss vs compute ({len(points.loss)} runs)")
     sizes = np.unique(points.params)
     for size, color in zip(sizes, _size_colors(sizes)):
@@ -304,8 +503,10 @@ def plot_loss_vs_compute(rows: Sequence[Mapping[str, Any]], fit: LossFit, path: 
         order = np.argsort(points.flops[mine])
         ax.plot(points.flops[mine][order], points.loss[mine][order], "o-", color=color, label=f"N = {_human(size)}")
     budgets = np.logspace(np.log10(points.flops.min()), np.log10(points.flops.max()), 200)
-    n_opt, d_opt = compute_optimal(fit, budgets)
+    n_opt, d_opt = compute_optimal(fit, budgets, flops_model)
     ax.plot(budgets, fit.predict(n_opt, d_opt), "k--", label="compute-optimal (fit)")
+    if band is not None:
+        ax.fill_between(band[0], band[1], band[2], color="k", alpha=0.15, label=f"{level:.0%} bootstrap band")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("loss")
@@ -314,9 +515,9 @@ def plot_loss_vs_compute(rows: Sequence[Mapping[str, Any]], fit: LossFit, path: 
     return Path(path)
 
 
-def plot_fit_vs_observed(rows: Sequence[Mapping[str, Any]], fit: LossFit, path: str | Path) -> Path:
+def plot_fit_vs_observed(rows: Sequence[Mapping[str, Any]] | Points, fit: LossFit, path: str | Path) -> Path:
     """PNG scatter of fitted vs observed loss per run, coloured by model size, with the y = x line."""
-    points = finished_points(rows)
+    points = rows if isinstance(rows, Points) else finished_points(rows)
     fitted = fit.predict(points.params, points.tokens)
     fig, ax = _figure(f"Fit vs observed (RMS log residual {fit.rms:.2g})")
     sizes = np.unique(points.params)
@@ -333,26 +534,103 @@ def plot_fit_vs_observed(rows: Sequence[Mapping[str, Any]], fit: LossFit, path: 
     return Path(path)
 
 
+def plot_isoflop(points: Points, iso: IsoFlopFit, path: str | Path) -> Path:
+    """PNG of loss vs N per budget with its parabola and minimum (Approach 2)."""
+    fig, ax = _figure("IsoFLOP profiles (Approach 2)")
+    for c, p, n, loss, color in zip(iso.budgets, iso.parabolas, iso.n_opt, iso.loss_opt, _size_colors(iso.budgets)):
+        mine = points.budget == c
+        ax.scatter(points.params[mine], points.loss[mine], color=color, label=f"C = {c:.3g}")
+        x = np.linspace(np.log(points.params[mine].min()) - 0.3, np.log(points.params[mine].max()) + 0.3, 100)
+        ax.plot(np.exp(x), np.polyval(p, x), "-", color=color)
+        ax.plot([n], [loss], "k*", markersize=10)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    return Path(path)
+
+
+def plot_n_opt(fit: LossFit, flops_model: FlopsModel, budgets: np.ndarray, path: str | Path,
+               iso: IsoFlopFit | None = None, bands: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+               level: float = 0.9) -> Path:
+    """PNG of N_opt vs C from Approach 3 (and Approach 2's minima with their power law), with bootstrap bands."""
+    fig, ax = _figure("Compute-optimal model size")
+    grid = np.logspace(np.log10(budgets.min()), np.log10(budgets.max()), 100)
+    ax.plot(grid, compute_optimal(fit, grid, flops_model)[0], "k--", label="Approach 3 (L(N, D) fit)")
+    if bands and "approach3" in bands:
+        ax.fill_between(budgets, *bands["approach3"], color="k", alpha=0.15, label=f"Approach 3, {level:.0%} band")
+    if iso is not None:
+        ax.plot(iso.budgets, iso.n_opt, "o", color="tab:red", label="Approach 2 minima")
+        ax.plot(grid, iso.at(grid)[0], "-", color="tab:red", label=f"Approach 2: N_opt ~ C^{iso.a:.2f}")
+        if bands and "approach2" in bands:
+            ax.fill_between(budgets, *bands["approach2"], color="tab:red", alpha=0.15,
+                            label=f"Approach 2, {level:.0%} band")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs C")
+    ax.set_ylabel("N_opt")
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    return Path(path)
+
+
 # ---------------------------------------------------------------------------------------------------------- entry
 
 
-def fit_results(csv_path: str | Path, out_dir: str | Path, budgets: Sequence[float] | None = None) -> dict[str, Any]:
-    """Read a sweep results CSV, fit, write out_dir/fit.json, loss_vs_compute.png and fit_vs_observed.png.
+def fit_results(csv_path: str | Path, out_dir: str | Path, budgets: Sequence[float] | None = None,
+                bootstrap_replicates: int = 0, seed: int = 0, params: str = "total",
+                level: float = 0.9) -> dict[str, Any]:
+    """Read a sweep results CSV, fit, write out_dir/fit.json, the plots and report.md. Returns what fit.json holds.
 
-    `budgets` are the FLOP budgets to report the compute-optimal N, D and predicted loss for; default: the largest
-    observed FLOPs times 1, 10, 100 and 1000. Returns what fit.json holds.
+    Approach 3 (the L(N, D) fit) always; Approach 2 when the table names FLOP budgets (an isoFLOP sweep) with >= 2 of
+    them at >= 3 sizes; the best LR per (N, D) when it has several LRs. `budgets` are the FLOP budgets to report
+    N_opt, D_opt and the predicted loss for (default: the sweep's own budgets, else the largest observed FLOPs x 1,
+    10, 100, 1000). `bootstrap_replicates` > 0 adds `level` intervals to every fitted number (seeded by `seed`).
+    N is `params` (total or non-embedding); C is the table's `flops` (the sweep's: the model's own count).
     """
+    if params not in PARAMS_COLUMNS:
+        raise DataError(f"--params: total or non-embedding, got {params!r}")
     source = str(csv_path)
     rows = read_results(csv_path)
-    points = finished_points(rows, source, first_line=2)
+    if rows and PARAMS_COLUMNS[params] not in rows[0]:
+        raise DataError(f"{source}: --params {params} needs the column {PARAMS_COLUMNS[params]}")
+    measured = finished_points(rows, source, first_line=2, params=params)
+    points, lr_info = best_lr_points(measured)
     fit = fit_loss(points.params, points.tokens, points.loss, source=source)
+    flops_model = FlopsModel.of(points) if len(points.loss) else FlopsModel()
+    iso, iso_note = None, None
+    if points.budget is not None and not np.all(np.isnan(points.budget)):
+        try:
+            iso = fit_isoflop(points, flops_model, source)
+        except DataError as e:
+            iso_note = str(e).removeprefix(f"{source}: ")
     if budgets is None:
-        budgets = [float(points.flops.max()) * k for k in BUDGET_MULTIPLES]
+        own = np.unique(points.budget[~np.isnan(points.budget)]) if points.budget is not None else np.array([])
+        budgets = own if own.size else [float(points.flops.max()) * k for k in BUDGET_MULTIPLES]
     budgets = np.atleast_1d(np.asarray(budgets, dtype=float))
-    n_opt, d_opt = compute_optimal(fit, budgets)
+    n_opt, d_opt = compute_optimal(fit, budgets, flops_model)
     fitted = fit.predict(points.params, points.tokens)
-    result = {
+    samples = (bootstrap(points, fit, flops_model, budgets, bootstrap_replicates, seed, iso)
+               if bootstrap_replicates > 0 else None)
+
+    def ci(approach: str, key: str, column: int | None = None):
+        if samples is None or approach not in samples:
+            return None
+        values = samples[approach][key]
+        values = values if column is None or values.size == 0 else values[:, column]
+        return interval(values, level)
+
+    has_model_flops = bool(rows) and "flops_per_token" in rows[0]
+    result: dict[str, Any] = {
         "source": source,
+        "definitions": {
+            "params": f"{params}: {PARAMS_MEANING[params]}",
+            "compute": ("training FLOPs by the model's own count: 3 x forward FLOPs per token (rwkv-dist info) x "
+                        "tokens" if has_model_flops else "the table's flops column"),
+            "flops_per_token_fit": {"form": "k N^gamma", "k": flops_model.k, "gamma": flops_model.gamma},
+            "loss": "val_loss, or train_loss where a run has no val_loss",
+        },
         "form": "L(N, D) = E + A / N^alpha + B / D^beta",
         **fit.coefficients(),
         "rms_log_residual": fit.rms,
@@ -362,14 +640,147 @@ def fit_results(csv_path: str | Path, out_dir: str | Path, budgets: Sequence[flo
                    for run, n, d, c, obs, fit_ in zip(points.runs, points.params, points.tokens, points.flops,
                                                        points.loss, fitted)],
         "compute_optimal": [{"flops": float(c), "params": float(n), "tokens": float(d),
-                             "tokens_per_param": float(d / n), "loss": fit.predict(n, d)}
-                            for c, n, d in zip(budgets, n_opt, d_opt)],
-        "plots": {"loss_vs_compute": "loss_vs_compute.png", "fit_vs_observed": "fit_vs_observed.png"},
+                             "tokens_per_param": float(d / n), "loss": fit.predict(n, d),
+                             **({"params_ci": ci("approach3", "n_opt", i), "tokens_ci": ci("approach3", "d_opt", i),
+                                 "loss_ci": ci("approach3", "loss", i)} if samples else {})}
+                            for i, (c, n, d) in enumerate(zip(budgets, n_opt, d_opt))],
+        "plots": {"loss_vs_compute": "loss_vs_compute.png", "fit_vs_observed": "fit_vs_observed.png",
+                  "n_opt_vs_compute": "n_opt_vs_compute.png"},
     }
+    if samples is not None:
+        result["bootstrap"] = {"replicates": bootstrap_replicates, "seed": seed, "level": level,
+                               "method": "percentile; runs resampled with replacement (Approach 2: within budgets)",
+                               "dropped": {k.split("_")[0]: samples[k] for k in samples if k.endswith("_dropped")}}
+        result["intervals"] = {k: ci("approach3", k) for k in ("E", "A", "alpha", "B", "beta")}
+    if iso is not None:
+        n2, d2, l2 = iso.at(budgets)
+        result["approach2"] = {
+            "form": "per budget: loss = p0 (ln N)^2 + p1 ln N + p2; N_opt = n_coef C^a, D_opt = d_coef C^b",
+            "a": iso.a, "b": iso.b, "n_coef": iso.n_coef, "d_coef": iso.d_coef,
+            **({"a_ci": ci("approach2", "a"), "b_ci": ci("approach2", "b")} if samples else {}),
+            "minima": [{"flops": float(c), "params": float(n), "tokens": float(d), "tokens_per_param": float(d / n),
+                        "loss": float(loss), "within_sizes_run": bool(inside), "parabola": p.tolist()}
+                       for c, n, d, loss, inside, p in zip(iso.budgets, iso.n_opt, iso.d_opt, iso.loss_opt,
+                                                            iso.inside, iso.parabolas)],
+            "compute_optimal": [{"flops": float(c), "params": float(n), "tokens": float(d),
+                                 "tokens_per_param": float(d / n), "loss": float(loss),
+                                 **({"params_ci": ci("approach2", "n_opt", i), "tokens_ci": ci("approach2", "d_opt", i),
+                                     "loss_ci": ci("approach2", "loss", i)} if samples else {})}
+                                for i, (c, n, d, loss) in enumerate(zip(budgets, n2, d2, l2))],
+            "skipped_budgets": list(iso.skipped),
+        }
+        result["plots"]["isoflop"] = "isoflop.png"
+    elif iso_note:
+        result["approach2"] = {"not_fitted": iso_note}
+    # Approach 3's exponent of N_opt in C, for comparison with Approach 2's a
+    result["n_opt_exponent"] = fit.beta / (fit.alpha + flops_model.gamma * fit.beta)
+    if lr_info is not None:
+        result["learning_rate"] = lr_info
+    spent = _column_sum(rows, "flops_spent")
+    if spent is not None:
+        independent = sum(float(r["flops"]) for r in rows if r.get("role") != "constant" and r.get("flops")
+                          and str(r.get("status")) == "done")  # the finished data points, each from scratch
+        result["compute_spent"] = {"flops_spent": spent, "flops_independent_runs": independent,
+                                   "saved_fraction": 1 - spent / independent if independent else 0.0,
+                                   "note": "WSD cooldown branches share their constant-LR phase; independent = the "
+                                           "same data points each trained from scratch"}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    band = None
+    if samples is not None and samples["approach3"]["loss"].size and budgets.size > 1:
+        band = (budgets, *np.percentile(samples["approach3"]["loss"], [(1 - level) * 50, 100 - (1 - level) * 50],
+                                        axis=0))
+    plot_loss_vs_compute(points, fit, out / result["plots"]["loss_vs_compute"], flops_model, band, level)
+    plot_fit_vs_observed(points, fit, out / result["plots"]["fit_vs_observed"])
+    bands = {}
+    if samples is not None and budgets.size > 1:
+        for approach in ("approach3", "approach2"):
+            if approach in samples and samples[approach]["n_opt"].size:
+                bands[approach] = tuple(interval(samples[approach]["n_opt"], level))
+    plot_n_opt(fit, flops_model, budgets, out / result["plots"]["n_opt_vs_compute"], iso, bands, level)
+    if iso is not None:
+        plot_isoflop(points, iso, out / result["plots"]["isoflop"])
+    result["report"] = "report.md"
     # allow_nan=False: fit.json stays strict JSON that any reader accepts.
+    result = _finite(result)
     (out / "fit.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    plot_loss_vs_compute(rows, fit, out / result["plots"]["loss_vs_compute"])
-    plot_fit_vs_observed(rows, fit, out / result["plots"]["fit_vs_observed"])
+    (out / "report.md").write_text(report_markdown(result))
     return result
+
+
+def _finite(value: Any) -> Any:
+    """Non-finite numbers (an optimum of a degenerate fit beyond float range) as None: fit.json stays strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _column_sum(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    if not rows or key not in rows[0]:
+        return None
+    values = [float(r[key]) for r in rows if str(r.get("status")) == "done" and str(r.get(key, "")).strip()]
+    return sum(values) if values else None
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else f"{value:{fmt}}"
+
+
+def _fmt_ci(value: float | None, bounds: list | None, fmt: str = ".3g") -> str:
+    return _num(value, fmt) + (f" [{_num(bounds[0], fmt)}, {_num(bounds[1], fmt)}]" if bounds else "")
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The fit as printed lines (CLI and report): coefficients, compute-optimal tables of both approaches, LR, compute
+    saved; intervals in brackets where bootstrapped."""
+    ci = result.get("intervals", {})
+    level = result.get("bootstrap", {}).get("level")
+    lines = [f"N = {result['definitions']['params']}; C = {result['definitions']['compute']}",
+             f"Approach 3: L(N, D) = E + A / N^alpha + B / D^beta  ({result['n_points']} runs, rms log residual "
+             f"{result['rms_log_residual']:.4f})" + (f"; {level:.0%} bootstrap intervals of "
+                                                     f"{result['bootstrap']['replicates']} replicates" if level else ""),
+             "  " + ", ".join(f"{k} = {_fmt_ci(result[k], ci.get(k), '.4g')}" for k in ("E", "A", "alpha", "B", "beta")),
+             f"  N_opt ~ C^{result['n_opt_exponent']:.3f}"]
+    header = f"  {'C (FLOPs)':>10} {'N_opt':>26} {'D_opt':>26} {'D/N':>7} {'loss':>24}"
+
+    def table(entries):
+        out = [header]
+        for p in entries:
+            out.append(f"  {p['flops']:>10.3g} {_fmt_ci(p['params'], p.get('params_ci')):>26} "
+                       f"{_fmt_ci(p['tokens'], p.get('tokens_ci')):>26} {_num(p['tokens_per_param'], '.3g'):>7} "
+                       f"{_fmt_ci(p['loss'], p.get('loss_ci'), '.4f'):>24}")
+        return out
+
+    lines += table(result["compute_optimal"])
+    two = result.get("approach2")
+    if two and "a" in two:
+        lines.append(f"Approach 2 (isoFLOP parabolas): N_opt ~ C^{_fmt_ci(two['a'], two.get('a_ci'))}, "
+                     f"D_opt ~ C^{_fmt_ci(two['b'], two.get('b_ci'))}")
+        for m in two["minima"]:
+            lines.append(f"  minimum at C = {m['flops']:.3g}: N = {m['params']:.3g}, D = {m['tokens']:.3g} "
+                         f"({m['tokens_per_param']:.3g} tokens/param), loss {m['loss']:.4f}"
+                         + ("" if m["within_sizes_run"] else "  (outside the sizes run: extrapolated)"))
+        lines += table(two["compute_optimal"])
+    elif two:
+        lines.append(f"Approach 2: not fitted ({two['not_fitted']})")
+    lr = result.get("learning_rate")
+    if lr:
+        lines.append("best LR per size: " + ", ".join(f"N {_human(b['params'])}: {b['lr']:g}" for b in lr["best_lr"])
+                     + (f"; lr_opt = {lr['power_law']['c']:.3g} N^{lr['power_law']['g']:.3f}"
+                        if "power_law" in lr else ""))
+    spent = result.get("compute_spent")
+    if spent:
+        lines.append(f"compute: {spent['flops_spent']:.3g} FLOPs spent vs {spent['flops_independent_runs']:.3g} for "
+                     f"independent runs ({spent['saved_fraction']:.0%} saved by WSD branches)")
+    return lines
+
+
+def report_markdown(result: dict[str, Any]) -> str:
+    """report.md: the summary and every plot, side by side with the files it describes."""
+    plots = "\n\n".join(f"### {name.replace('_', ' ')}\n\n![{name}]({file})" for name, file in result["plots"].items())
+    return (f"# Scaling-law fit of {result['source']}\n\n```\n" + "\n".join(summary_lines(result)) + "\n```\n\n"
+            f"Numbers in brackets are bootstrap intervals (fit.json has every value).\n\n## Plots\n\n{plots}\n")
