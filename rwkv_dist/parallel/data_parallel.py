@@ -37,7 +37,7 @@ class DataParallel:
         if self.zero3:
             model = self._build(ds_config, weights)
         else:
-            model = RWKV(cfg.model, init=False)
+            model = self._model()
             initialize(model, cfg.seed, weights=weights)
         if cfg.parallel.activation_checkpointing:
             with_activation_checkpointing(model.blocks)
@@ -51,7 +51,7 @@ class DataParallel:
 
         offload = self.cfg.parallel.offload_params
         with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if offload else None):
-            model = RWKV(self.cfg.model, init=False)
+            model = self._model()
 
         @contextlib.contextmanager
         def gathered(param):
@@ -61,14 +61,25 @@ class DataParallel:
         initialize(model, self.cfg.seed, edit=gathered, weights=weights)
         return model
 
+    def _model(self) -> RWKV:
+        """The model, uninitialized; with schedule.segment_len, the one that trains its windows in segments."""
+        if self.cfg.segmented:
+            from ..train.segmented import SegmentedRWKV
+
+            return SegmentedRWKV(self.cfg.model, self.cfg.schedule.segment_len, self.cfg.l2wrap, init=False)
+        return RWKV(self.cfg.model, init=False)
+
     # -- training ---------------------------------------------------------------------------------------------------
     def train_step(self, batches: list, corrupt_loss=None) -> tuple[list[torch.Tensor], float | None]:
         """Forward and backward of this rank's micro-batches, then the optimizer step. Returns the micro-batches'
         losses (detached) and the gradient norm before clipping."""
         losses, norm = [], None
         for j, (x, y) in enumerate(batches):
-            logits = self.engine(x.to(self.world.device))
-            loss, objective = training_loss(self.cfg, logits, y.to(self.world.device))
+            x, y = x.to(self.world.device), y.to(self.world.device)
+            if self.cfg.segmented:  # the loss is computed segment by segment inside the model
+                loss, objective = self.engine(x, y)
+            else:
+                loss, objective = training_loss(self.cfg, self.engine(x), y)
             if corrupt_loss is not None and j == 0:
                 loss, objective = corrupt_loss(loss), corrupt_loss(objective)
             losses.append(loss.detach())

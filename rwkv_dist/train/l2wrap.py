@@ -15,19 +15,20 @@ L2WRAP_SCALE = 1e-4
 
 class _L2Wrap(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, loss: torch.Tensor, logits: torch.Tensor, positions: int) -> torch.Tensor:
         ctx.save_for_backward(logits)
+        ctx.positions = positions
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        positions = logits.numel() // logits.shape[-1]
         top, index = logits.max(dim=-1, keepdim=True)
-        g_logits = torch.zeros_like(logits).scatter_(-1, index, top * (L2WRAP_SCALE / positions))
-        return grad_loss, g_logits * grad_loss
+        g_logits = torch.zeros_like(logits).scatter_(-1, index, top * (L2WRAP_SCALE / ctx.positions))
+        return grad_loss, g_logits * grad_loss, None
 
 
-def l2wrap(loss: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """`loss` unchanged in value; its backward also pushes each position's max logit of `logits` [..., V] toward 0."""
-    return _L2Wrap.apply(loss, logits)
+def l2wrap(loss: torch.Tensor, logits: torch.Tensor, positions: int | None = None) -> torch.Tensor:
+    """`loss` unchanged in value; its backward also pushes each position's max logit of `logits` [..., V] toward 0.
+    positions: the B x T of the whole window when `logits` are a segment of it (default: the logits' own)."""
+    return _L2Wrap.apply(loss, logits, positions or logits.numel() // logits.shape[-1])
