@@ -93,7 +93,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     model, tokenizer = load_model(args.checkpoint, args.tokenizer)
     check_eval_data(args.data, tokenizer)
     ctx_len = args.ctx_len or model.cfg.ctx_len
-    loss, tokens = evaluate(model, args.data, ctx_len, args.batch_size, args.max_batches)
+    loss, tokens = evaluate(model, args.data, ctx_len, args.batch_size, args.max_batches, args.segment_len)
     print(f"val loss {loss:.4f}  perplexity {perplexity(loss):.3f}  ({tokens:,} tokens, ctx {ctx_len})")
 
 
@@ -414,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx-len", type=_positive(int, "--ctx-len"), default=None, help="default: the model's")
     p.add_argument("--batch-size", type=_positive(int, "--batch-size"), default=4)
     p.add_argument("--max-batches", type=_positive(int, "--max-batches"), default=None)
+    p.add_argument("--segment-len", type=_positive(int, "--segment-len"), default=1024,
+                   help="tokens per forward: windows run in segments carrying the state (memory of one segment)")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
     p.set_defaults(func=cmd_eval)
 

@@ -58,11 +58,18 @@ def sample(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, temperature: 
 
 
 @torch.no_grad()
-def evaluate(model: RWKV, location: str, ctx_len: int, batch_size: int = 4, max_batches: int | None = None) -> tuple[float, int]:
-    """(mean token loss over the val split of the dataset at `location`, tokens scored)."""
+def evaluate(model: RWKV, location: str, ctx_len: int, batch_size: int = 4, max_batches: int | None = None,
+             segment_len: int = 1024) -> tuple[float, int]:
+    """(mean token loss over the val split of the dataset at `location`, tokens scored). Each window runs in segments
+    of segment_len tokens that carry the model state: the loss of the whole window, in the memory of one segment, so
+    any ctx_len fits."""
     total, count = 0.0, 0
     for x, y in validation_batches(location, ctx_len, batch_size=batch_size, max_batches=max_batches):
-        total += token_cross_entropy(model(x), y, reduction="sum").item()
+        state = None
+        for start in range(0, ctx_len, segment_len):
+            piece = slice(start, start + segment_len)
+            logits, state = model(x[:, piece], state, return_state=True)
+            total += token_cross_entropy(logits, y[:, piece], reduction="sum").item()
         count += y.numel()
     if count == 0:
         raise DataError(f"{location}: the val split has fewer than {ctx_len + 1} tokens (nothing to score)")

@@ -147,3 +147,14 @@ def test_bad_segment_lengths_are_one_line_errors(data, tmp_path, overrides, mess
     lines = [x for x in done.stderr.splitlines() if "error:" in x]
     assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
     assert not out.exists()
+
+
+def test_evaluation_in_segments_scores_the_whole_window(data):
+    """rwkv-dist eval runs long windows in segments that carry the state: the same loss as one forward per window."""
+    from rwkv_dist.inference import evaluate
+
+    model = noisy(RWKVConfig(n_layer=2, n_embd=32, vocab_size=2048)).eval()
+    whole, tokens = evaluate(model, data, ctx_len=256, batch_size=2, max_batches=2, segment_len=256)
+    for segment in (64, 7):  # 7 does not divide 256: the last segment is shorter
+        got, counted = evaluate(model, data, ctx_len=256, batch_size=2, max_batches=2, segment_len=segment)
+        assert counted == tokens == 2 * 2 * 256 and got == pytest.approx(whole, rel=1e-6), segment
