@@ -97,10 +97,12 @@ SWEEP_ERRORS = [
 
 
 @pytest.mark.parametrize("changes, message", SWEEP_ERRORS)
-def test_bad_sweeps_are_one_clear_error_before_any_run(repo, data, tmp_path, changes, message):
+def test_bad_sweeps_are_one_clear_error_before_any_run(repo, data, tmp_path, capsys, changes, message):
+    from rwkv_dist.cli import main  # in-process: the CLI's own error path, without an interpreter start per case
+
     path = write_sweep(repo, data, tmp_path / "bad", **changes)
-    done = run_cli("sweep", path)
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [x for x in done.stderr.splitlines() if "error:" in x]
-    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+    assert main(["sweep", str(path)]) == 2
+    stderr = capsys.readouterr().err
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("rwkv-dist sweep: error: ") and message in lines[0], stderr
     assert not (tmp_path / "bad").exists()

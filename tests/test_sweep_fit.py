@@ -300,23 +300,24 @@ def test_wsd_warmup_into_the_decay_is_one_config_error(repo):
 
 
 def test_bootstrap_intervals_cover_the_true_exponents_in_repeated_draws():
-    """Calibration, not one lucky draw: 50 independent noisy sweeps (5 sizes x 5 budgets, 0.5% noise), 90% percentile
-    intervals from 100 bootstrap replicates each; the true alpha and beta must be inside in >= 80% of the draws."""
+    """Calibration, not one lucky draw: 50 independent noisy sweeps (4 sizes x 5 token counts, 0.5% noise), 90%
+    percentile intervals from 60 bootstrap replicates each; the true alpha and beta must be inside in >= 80% of the
+    draws (measured: 90% and 86%; 5 x 5 with 100 replicates gave 98% and 80%, at twice the time)."""
     from rwkv_dist.sweep.fit import FlopsModel, Points, bootstrap, interval
 
     hits = {"alpha": 0, "beta": 0}
     draws = 50
     for seed in range(draws):
-        N, D, L = synthetic(noise=0.005, seed=100 + seed, sizes=5, budgets=5)
+        N, D, L = synthetic(noise=0.005, seed=100 + seed, sizes=4, budgets=5)
         fit = fit_loss(N, D, L)
         points = Points([str(i) for i in range(N.size)], N, D, 6 * N * D, L)
-        samples = bootstrap(points, fit, FlopsModel(), np.array([1e20]), replicates=100, seed=seed)
+        samples = bootstrap(points, fit, FlopsModel(), np.array([1e20]), replicates=60, seed=seed)
         for key in hits:
             low, high = interval(samples["approach3"][key], 0.9)
             hits[key] += low <= TRUE[key] <= high
     coverage = {k: v / draws for k, v in hits.items()}
     assert min(coverage.values()) >= 0.8, coverage
-    assert max(coverage.values()) < 1.0 or draws < 50, coverage  # intervals are not uselessly wide either
+    assert max(coverage.values()) < 1.0, coverage  # nor are the intervals uselessly wide
 
 
 def test_bootstrap_is_seeded_and_drops_unfittable_replicates(tmp_path):

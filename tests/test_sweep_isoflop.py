@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def write_sweep(repo: Path, data: str, out: Path, **changes) -> Path:
                       "checkpoint.every_steps=2", "logging.val_batches=2", "logging.peak_flops=1.0e+12"],
         "grid": {"models": [*SIZES, BROKEN], "budgets": BUDGETS},
         "max_concurrent": 2, "max_retries": 1}
+    sweep["overrides"] += changes.pop("more_overrides", [])
     sweep.update(changes)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(sweep))
@@ -209,3 +211,50 @@ def test_sweep_fit_on_the_isoflop_sweep(iso, tmp_path):
     assert 0.1 < saved["saved_fraction"] < 0.5
     report = (tmp_path / "report.md").read_text()
     assert "compute:" in report and all(f"]({name})" in report for name in fit["plots"].values())
+
+
+BAD_SPECS = [
+    ({"grid": {"models": SIZES, "budgets": [1e6]}}, "grid.budgets.0: 1e+06 FLOPs is less than one step of L1-D16"),
+    ({"grid": {"models": [*SIZES, {"n_layer": 1, "n_embd": 8, "overrides": ["schedule.micro_batch_size=3"]}],
+               "budgets": BUDGETS}},
+     r"grid\.models\.3 \(L1-D8\): .*global_batch_size \(8\) is not a multiple of micro_batch_size x grad_accum \(3 x 1\)"),
+    ({"resources": {"workers_per_run": 3}}, "micro_batch_size x grad_accum x world size = 8 x 1 x 3 = 24"),
+    ({"grid": {"models": SIZES, "budget": BUDGETS}}, "grid.budget: unknown field"),
+    ({"grid": {"models": [{"n_layer": 1, "n_embd": 16, "heads": 2}], "budgets": BUDGETS}},
+     "grid.models.0.heads: unknown field"),
+    ({"max_retry": 2}, "max_retry: unknown field"),
+    ({"grid": {"models": SIZES, "budgets": BUDGETS, "tokens": [4096]}}, "give either tokens"),
+    ({"grid": {"models": SIZES, "budgets": BUDGETS, "sizes_per_budget": 5}}, "sizes_per_budget (5) exceeds the 3"),
+    ({"more_overrides": ["optimizer.decay_fraction=0.97"]}, "L1-D16-C1.2e9: the wsd decay starts at step 1 of 22, before the end of warmup (2 steps)"),
+    ({"more_overrides": ["data.sources=[{location: /nonexistent/shards}]"]},
+     "data.sources.0.location: /nonexistent/shards"),
+]
+
+
+@pytest.mark.parametrize("changes, message", BAD_SPECS)
+def test_bad_sweep_specs_are_one_line_before_any_run(repo, data, tmp_path, capsys, changes, message):
+    from rwkv_dist.cli import main
+
+    path = write_sweep(repo, data, tmp_path / "bad", **changes)
+    assert main(["sweep", str(path)]) == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"rwkv-dist sweep: error: {path}: "), lines
+    assert re.search(message if ".*" in message else re.escape(message), lines[0]), lines[0]
+    assert not (tmp_path / "bad").exists()  # nothing started, nothing written
+
+
+def test_size_ladder_centres_each_budget_on_its_predicted_optimum(repo, data, tmp_path):
+    from rwkv_dist.sweep.runner import load_sweep
+
+    ladder = [{"n_layer": 1, "n_embd": d} for d in (8, 16, 24, 32, 48, 64)]
+    path = write_sweep(repo, data, tmp_path / "ladder",
+                       grid={"models": ladder, "budgets": [3e9, 3e11], "sizes_per_budget": 3, "tokens_per_param": 5})
+    _, _, runs = load_sweep(path)
+    for budget in (3e9, 3e11):
+        mine = sorted((r for r in runs if r.budget == budget), key=lambda r: r.params)
+        assert len(mine) == 3
+        ratio = [r.tokens / r.params for r in mine]  # tokens per parameter falls with size at a fixed budget
+        assert ratio[0] > ratio[-1] and (ratio[0] >= 5 >= ratio[-1] or mine[0].n_embd == 8 or mine[-1].n_embd == 64)
+    small = {r.n_embd for r in runs if r.budget == 3e9}
+    large = {r.n_embd for r in runs if r.budget == 3e11}
+    assert max(small) <= max(large) and small != large  # a larger budget draws larger sizes

@@ -220,7 +220,25 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, Path, list[Run]]:
                 runs.append(_run(path, base, sweep, name, over, lr=lr, budget=budget, steps=steps, **facts))
     if len({r.name for r in runs}) != len(runs):
         raise ConfigError(f"{path}: grid has repeated points")
+    _check_data(path, base, runs)
     return sweep, base, runs
+
+
+def _check_data(path: Path, base: Path, runs: list[Run]) -> None:
+    """The trainer's input checks (datasets, manifests, vocabulary, out_dir) once per distinct data setting: a wrong
+    path is one line now, not a failure of every run later."""
+    from ..train.trainer import check_inputs
+
+    seen = set()
+    for run in runs:
+        cfg = load_run_config(base, run.overrides)
+        key = (cfg.data.model_dump_json(), cfg.model.vocab_size)
+        if key not in seen:
+            seen.add(key)
+            try:
+                check_inputs(cfg.model_copy(update={"out_dir": str(run.out_dir)}), run.name)
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
 
 
 def _tokens_tag(grid: Grid, steps: int, tps: int) -> int:
@@ -289,7 +307,7 @@ def _check(path: Path, name: str, base: Path, overrides: list[str], sweep: Sweep
         cfg = load_run_config(base, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {name}: {e}") from None
-    cfg.check_world_size(sweep.resources.workers_per_run, f"{path} ({name})")
+    cfg.check_world_size(sweep.resources.workers_per_run, f"{path}: {name}")
     return cfg
 
 
@@ -419,7 +437,8 @@ def _summarize(base: Path, run: Run, code: int, wall: float, evaluated: bool = F
         losses = [r["loss"] for r in records if r.get("applied")]
         vals = [r["val_loss"] for r in records if "val_loss" in r]
         tail = losses[-max(len(losses) // 10, 1):]  # the last 10% of steps: less noisy than the final batch
-        row.update(train_loss=sum(tail) / len(tail), val_loss=vals[-1] if vals else "", status="done", error="",
+        row.update(train_loss=sum(tail) / len(tail) if tail else "", val_loss=vals[-1] if vals else "",
+                   status="done" if tail or vals else "failed", error="" if tail or vals else "no step was applied",
                    **scores)
     elif code == 0 and not error:
         row["error"] = "no metrics or evaluation results were written"
