@@ -143,6 +143,9 @@ class ParallelConfig(Section):
     tensor: int = Field(default=1, ge=1, description="zero3 or pipeline: tensor-parallel degree T (megatron-core layers; "
                                                      "a group of T consecutive ranks, inside one node); data-parallel "
                                                      "degree = world / (P T)")
+    context: int = Field(default=1, ge=1, description="zero3 or ddp: context-parallel degree C, each window split into "
+                                                      "C pieces on C consecutive ranks (rwkv_dist/parallel/context.py); "
+                                                      "data-parallel degree = world / C")
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     pipeline_gather: Literal["micro_batch", "step"] = Field(
         default="micro_batch", description="pipeline: all-gather each stage's parameters for every micro-batch (true "
@@ -257,6 +260,7 @@ class RunConfig(Section):
         self._check_pipeline()
         self._check_tensor()
         self._check_segments()
+        self._check_context()
         if self.schedule.global_batch_size % (self.schedule.micro_batch_size * self.schedule.grad_accum):
             raise ValueError(f"schedule.global_batch_size ({self.schedule.global_batch_size}) is not a multiple of "
                              f"micro_batch_size x grad_accum ({self.schedule.micro_batch_size} x {self.schedule.grad_accum})")
@@ -284,6 +288,16 @@ class RunConfig(Section):
         if self.schedule.grad_accum < p.pipeline_stages:
             raise ValueError(f"schedule.grad_accum ({self.schedule.grad_accum}) is below parallel.pipeline_stages "
                              f"({p.pipeline_stages}): a pipeline needs at least one micro-batch per stage per step")
+
+    def _check_context(self) -> None:
+        C, p = self.parallel.context, self.parallel
+        if C == 1:
+            return
+        if p.strategy not in ("zero3", "ddp") or p.tensor > 1 or self.segmented:
+            raise ValueError(f"parallel.context ({C}) needs strategy zero3 or ddp, without tensor parallelism or "
+                             f"schedule.segment_len")
+        if self.model.ctx_len % C:
+            raise ValueError(f"parallel.context ({C}) does not divide model.ctx_len ({self.model.ctx_len})")
 
     def _check_segments(self) -> None:
         seg, ctx = self.schedule.segment_len, self.model.ctx_len
@@ -318,10 +332,12 @@ class RunConfig(Section):
     def check_world_size(self, world_size: int, source: str = "config") -> None:
         """The world must split into pipeline_stages x data-parallel x tensor-parallel ranks, and micro_batch_size x
         grad_accum x data-parallel ranks must equal global_batch_size (known only once ranks exist)."""
-        s, P, T = self.schedule, self.pipeline_stages, self.parallel.tensor
+        s, P, T = self.schedule, self.pipeline_stages, self.parallel.tensor * self.parallel.context
         if world_size % (P * T):
+            C = self.parallel.context
             what = " x ".join(filter(None, [f"parallel.pipeline_stages ({P})" if P > 1 or T == 1 else "",
-                                            f"parallel.tensor ({T})" if T > 1 else ""]))
+                                            f"parallel.tensor ({T // C})" if T // C > 1 else "",
+                                            f"parallel.context ({C})" if C > 1 else ""]))
             raise ConfigError(f"{source}: {what} does not divide the world size ({world_size})")
         dp = world_size // (P * T)
         if s.micro_batch_size * s.grad_accum * dp != s.global_batch_size:

@@ -75,7 +75,7 @@ def test_segmented_bf16_is_as_close_to_fp32_as_the_whole_window():
 
 
 PEAK = """
-import json, resource, sys, torch
+import json, sys, torch
 from rwkv_dist.model import RWKV, RWKVConfig
 from rwkv_dist.parallel.common import training_loss
 from rwkv_dist.train.segmented import SegmentedRWKV
@@ -84,15 +84,19 @@ torch.manual_seed(0)
 cfg = RWKVConfig(n_layer=2, n_embd=256, vocab_size=256, ctx_len=ctx)
 model = SegmentedRWKV(cfg, segment) if segment else RWKV(cfg)
 x, y = torch.randint(0, 256, (1, ctx)), torch.randint(0, 256, (1, ctx))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):  # kB lines of /proc/self/status
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(field))
+open("/proc/self/clear_refs", "w").write("5")  # the peak RSS starts again from now (the imports' is forgotten)
+before = status("VmRSS:")
 loss, objective = model(x, y) if segment else training_loss(type("L", (), {"l2wrap": True})(), model(x), y)
 objective.backward()
-print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024))
+print(json.dumps(status("VmHWM:") - before))
 """
 
 
 def peak_bytes(ctx: int, segment: int) -> int:
-    """The growth of a fresh process's peak RSS over one forward + backward: activations and temporaries. glibc's
+    """The growth of a fresh process's peak RSS over one forward + backward (Linux: the high-water mark reset just
+    before, /proc/self/clear_refs): activations and temporaries. glibc's
     malloc is held to a fixed mmap threshold: by default it raises the threshold as blocks are freed and then keeps
     freed memory in its heap, so the RSS would remember every segment's activations long after they are gone."""
     done = subprocess.run([sys.executable, "-c", PEAK, str(ctx), str(segment)], capture_output=True, text=True,
@@ -111,8 +115,8 @@ def test_activation_memory_is_that_of_one_segment():
     assert segmented[8192] < 0.5 * whole[8192], (segmented, whole)
 
 
-def run(data, out, procs, *overrides):
-    done = subprocess.run(launch(tiny(data, out, procs, "model.ctx_len=128", *overrides), procs), capture_output=True,
+def run(data, out, procs, *overrides, ctx: int = 128):
+    done = subprocess.run(launch(tiny(data, out, procs, f"model.ctx_len={ctx}", *overrides), procs), capture_output=True,
                           text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
@@ -158,3 +162,87 @@ def test_evaluation_in_segments_scores_the_whole_window(data):
     for segment in (64, 7):  # 7 does not divide 256: the last segment is shorter
         got, counted = evaluate(model, data, ctx_len=256, batch_size=2, max_batches=2, segment_len=segment)
         assert counted == tokens == 2 * 2 * 256 and got == pytest.approx(whole, rel=1e-6), segment
+
+
+# -- context parallelism: a window split across ranks ----------------------------------------------------------------
+def test_piece_summaries_combine_into_the_exact_state():
+    """WKV over a window equals WKV over its second half from the state combined out of both halves' zero-state
+    summaries (the rule each context rank folds its incoming state with)."""
+    from rwkv_dist.ops import wkv4
+    from rwkv_dist.parallel.context import combine
+
+    g = torch.Generator().manual_seed(3)
+    B, T, C = 2, 48, 8
+    w = -torch.rand(C, generator=g).exp()
+    u = torch.randn(C, generator=g)
+    k, v = torch.randn(B, T, C, generator=g) * 2, torch.randn(B, T, C, generator=g)
+    y, final = wkv4(w, u, k, v)
+    thirds = [slice(0, 16), slice(16, 32), slice(32, 48)]
+    summaries = [wkv4(w, u, k[:, s], v[:, s])[1] for s in thirds]
+    incoming = combine(summaries[0], summaries[1], w, 16)
+    y3, state = wkv4(w, u, k[:, 32:], v[:, 32:], incoming)
+    torch.testing.assert_close(y3, y[:, 32:], rtol=1e-5, atol=1e-6)
+    total = combine(incoming, summaries[2], w, 16)
+    for got, want in zip((total, state), (final, final)):
+        torch.testing.assert_close(got.a * got.p.exp(), want.a * want.p.exp(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.b * got.p.exp(), want.b * want.p.exp(), rtol=1e-5, atol=1e-6)
+
+
+CP = ["model.ctx_len=64", "checkpoint.every_steps=3"]
+
+
+@pytest.fixture(scope="session")
+def cp_runs(data, tmp_path_factory):
+    """The same 6 steps at ctx 64: 1 process; C=2 SIGKILLed after step 4 and resumed; C=4; C=2 x zero3 D=2."""
+    from helpers import kill_all_at_step
+
+    root = tmp_path_factory.mktemp("context")
+    out = {name: root / name for name in ("one", "c2", "c4", "c2d2")}
+    run(data, out["one"], 1, *CP[1:], "schedule.grad_accum=2", ctx=64)
+    args = tiny(data, out["c2"], 2, *CP, "schedule.grad_accum=2", "parallel.context=2")
+    proc = subprocess.Popen(launch(args, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out["c2_killed_at"] = kill_all_at_step(proc, out["c2"], 4)
+    run(data, out["c2"], 2, *CP[1:], "schedule.grad_accum=2", "parallel.context=2", "checkpoint.resume=auto", ctx=64)
+    run(data, out["c4"], 4, *CP[1:], "schedule.grad_accum=2", "parallel.context=4", ctx=64)
+    run(data, out["c2d2"], 4, *CP[1:], "schedule.grad_accum=1", "parallel.context=2", ctx=64)
+    return out
+
+
+@pytest.mark.parametrize("name", ["c2", "c4", "c2d2"])
+def test_context_parallel_runs_train_what_one_process_trains(cp_runs, name):
+    ref, got = losses(cp_runs["one"]), losses(cp_runs[name])
+    assert sorted(got) == list(range(1, 7)) and ref[6] < ref[1] - 0.5
+    assert got == pytest.approx(ref, rel=1e-5, abs=0)
+    assert [r["grad_norm"] for r in records(cp_runs[name])] == pytest.approx(
+        [r["grad_norm"] for r in records(cp_runs["one"])], rel=1e-5)
+    assert_same_training(weights(cp_runs[name]), weights(cp_runs["one"]))
+
+
+def test_a_killed_context_parallel_run_resumes_bitwise(cp_runs):
+    from helpers import raw_records
+
+    assert 4 <= cp_runs["c2_killed_at"] < 6, cp_runs["c2_killed_at"]
+    first, again = {}, 0
+    for r in raw_records(cp_runs["c2"]):
+        seen = (r["loss"], r["grad_norm"])
+        if r["step"] in first:
+            assert seen == first[r["step"]], (r["step"], seen, first[r["step"]])
+            again += 1
+        first[r["step"]] = seen
+    assert again >= 1 and sorted(first) == list(range(1, 7))
+
+
+@pytest.mark.parametrize("overrides, env, message", [
+    (["model.ctx_len=60", "parallel.context=8"], {}, "parallel.context (8) does not divide model.ctx_len (60)"),
+    (["parallel.context=2"], {"WORLD_SIZE": "3"}, "parallel.context (2) does not divide the world size (3)"),
+    (["parallel.context=2", "parallel.strategy=pipeline", "parallel.pipeline_stages=2"], {},
+     "parallel.context (2) needs strategy zero3 or ddp"),
+])
+def test_bad_context_layouts_are_one_line_errors(data, tmp_path, overrides, env, message):
+    out = tmp_path / "never"
+    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "train", *tiny(data, out, 1, *overrides)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if "error:" in x]
+    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]

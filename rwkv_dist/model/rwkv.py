@@ -164,11 +164,13 @@ class Block(nn.Module):
 
 
 class RWKV(nn.Module):
+    block = Block  # the blocks' class (a context-parallel model swaps in its own)
+
     def __init__(self, cfg: RWKVConfig, init: bool = True):
         super().__init__()
         self.cfg = cfg
         self.emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(self.block(cfg, i) for i in range(cfg.n_layer))
         self.ln_out = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if init and not any(p.is_meta for p in self.parameters()):

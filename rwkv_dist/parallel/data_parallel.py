@@ -30,8 +30,16 @@ class DataParallel:
         self.cfg, self.world = cfg, world
         self.zero3 = cfg.parallel.strategy == "zero3"
         self.dp_rank, self.dp_size = world.rank, world.size
-        self.holds_loss = True  # every rank computes the loss of its own micro-batches
-        self.needs_data = self.owns_data_state = True
+        self.context, self.context_rank, self.context_group = cfg.parallel.context, 0, None
+        if self.context > 1:  # C consecutive ranks share each window, a piece each: one data-parallel replica
+            from .context import context_groups
+
+            self.context_group, self.context_rank, self.dp_rank = context_groups(self.context, world.size, world.rank)
+            self.dp_size = world.size // self.context
+        self.holds_loss = True  # every rank computes the loss of its own micro-batches (or pieces of them)
+        self.reports = world.rank == 0
+        self.needs_data = True
+        self.owns_data_state = self.context_rank == 0  # a context group reads one stream: one copy in the checkpoint
         ds_config = deepspeed_config(cfg, world.device, 3 if self.zero3 else 0, cfg.schedule.grad_accum, world.size,
                                      load_universal)
         if self.zero3:
@@ -63,6 +71,10 @@ class DataParallel:
 
     def _model(self) -> RWKV:
         """The model, uninitialized; with schedule.segment_len, the one that trains its windows in segments."""
+        if self.context > 1:
+            from .context import ContextParallelRWKV
+
+            return ContextParallelRWKV(self.cfg.model, self.context_group, init=False)
         if self.cfg.segmented:
             from ..train.segmented import SegmentedRWKV
 
@@ -75,7 +87,7 @@ class DataParallel:
         losses (detached) and the gradient norm before clipping."""
         losses, norm = [], None
         for j, (x, y) in enumerate(batches):
-            x, y = x.to(self.world.device), y.to(self.world.device)
+            x, y = self._piece(x.to(self.world.device)), self._piece(y.to(self.world.device))
             if self.cfg.segmented:  # the loss is computed segment by segment inside the model
                 loss, objective = self.engine(x, y)
             else:
@@ -99,12 +111,25 @@ class DataParallel:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.nn.utils.get_total_norm(grads)) if grads else None
 
+    def _piece(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of windows [B, T] under context parallelism (the whole windows otherwise)."""
+        if self.context == 1:
+            return t
+        n = t.shape[1] // self.context
+        return t[:, self.context_rank * n:(self.context_rank + 1) * n]
+
     @torch.no_grad()
-    def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch (a collective under ZeRO-3: every rank calls it the same number of times)."""
+    def forward_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Logits of a batch (a collective under ZeRO-3: every rank calls it the same number of times); under context
+        parallelism the whole windows' on the group's first rank, None on the others."""
         self.engine.eval()
-        out = self.engine(x.to(self.world.device))
+        out = self.engine(self._piece(x.to(self.world.device)))
         self.engine.train()
+        if self.context > 1:
+            from .context import gather_pieces
+
+            out = gather_pieces(out)
+            return out if self.context_rank == 0 else None
         return out
 
     # -- checkpoints ------------------------------------------------------------------------------------------------

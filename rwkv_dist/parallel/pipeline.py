@@ -241,6 +241,7 @@ class PipelineParallel:
         self.layout = L = make_layout(cfg, world)
         self.dp_rank, self.dp_size = L.replica, L.replicas
         self.holds_loss = L.is_last and L.tensor_rank == 0  # the tensor ranks compute the same loss: one reports it
+        self.reports = self.holds_loss and L.replica == 0
         self.needs_data = L.is_first or L.is_last
         # the last stage and the other tensor ranks read the same streams: one copy in the checkpoint
         self.owns_data_state = L.is_first and L.tensor_rank == 0

@@ -97,7 +97,7 @@ class Trainer:
         del init_from
         self.optimizer = self.strategy.optimizer
         # rank 0 of the ranks that compute the loss reports; under a pipeline that is on the last stage
-        self.is_reporter = self.strategy.holds_loss and self.strategy.dp_rank == 0
+        self.is_reporter = self.strategy.reports
         self.state = TrainState()
         s, a = cfg.schedule, cfg.schedule.grad_accum
         sources = [Source(x.location, x.weight, x.name) for x in cfg.data.sources]
@@ -151,7 +151,7 @@ class Trainer:
         for cfg in (saved, now):
             cfg["data"]["sources"] = [{k: v for k, v in src.items() if k != "location"} for src in cfg["data"]["sources"]]
         for key in ("model", "precision", "seed", "parallel.strategy", "parallel.pipeline_stages",
-                    "parallel.stage_layers", "parallel.tensor", "data.sources"):
+                    "parallel.stage_layers", "parallel.tensor", "parallel.context", "data.sources"):
             a, b = saved, now
             for part in key.split("."):
                 a, b = (a or {}).get(part), (b or {}).get(part)
@@ -166,9 +166,10 @@ class Trainer:
         if saved_world == self.world.size:
             return folder
         strategy, precision = self.cfg.parallel.strategy, self.cfg.precision
-        if strategy == "pipeline" or self.cfg.parallel.tensor > 1:
+        if strategy == "pipeline" or self.cfg.parallel.tensor > 1 or self.cfg.parallel.context > 1:
             raise CheckpointError(f"{folder}: written by {saved_world} rank(s); a {strategy} checkpoint with "
-                                  f"parallel.tensor = {self.cfg.parallel.tensor} resumes only on {saved_world} rank(s), "
+                                  f"parallel.tensor / context = {self.cfg.parallel.tensor} / {self.cfg.parallel.context} "
+                                  f"resumes only on {saved_world} rank(s), "
                                   f"this run has {self.world.size} (export it and start from the weights: "
                                   f"checkpoint.init_from)")
         if strategy == "ddp" and precision == "bf16":
@@ -336,6 +337,8 @@ class Trainer:
                      f"from the weights of {cfg.checkpoint.init_from} (fresh optimizer)" if self.init_from else
                      "from scratch")
             layout = cfg.parallel.strategy
+            if cfg.parallel.context > 1:
+                layout += f" x context parallel {cfg.parallel.context}"
             if hasattr(self.strategy, "layout"):
                 L = self.strategy.layout
                 layout = " x ".join(filter(None, [
