@@ -39,13 +39,15 @@ def load_model(path: str | Path, tokenizer: str | Path | None = None) -> tuple[R
 
 @torch.no_grad()
 def sample(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, temperature: float = 0.8, top_p: float = 0.9,
-           seed: int = 0) -> str:
-    """Continue `prompt` by `n` tokens: nucleus sampling, one recurrent step per token."""
+           seed: int = 0, prefill_len: int = 1024) -> str:
+    """Continue `prompt` by `n` tokens: nucleus sampling, one recurrent step per token. The prompt, of any length,
+    is read in parallel mode in segments of prefill_len tokens carrying the state (constant memory)."""
     gen = torch.Generator().manual_seed(seed)
     ids = tokenizer.encode([prompt])[0] or [tokenizer.eod_id]  # an empty prompt starts a new document
-    logits, state = None, None
-    for token in ids:
-        logits, state = model.step(torch.tensor([token]), state)
+    state = None
+    for start in range(0, len(ids), prefill_len):
+        logits, state = model(torch.tensor([ids[start:start + prefill_len]]), state, return_state=True)
+    logits = logits[:, -1]
     out = []
     for _ in range(n):
         probs = torch.softmax(logits[0].float() / temperature, dim=-1)

@@ -272,3 +272,22 @@ def test_the_loader_packs_and_resumes_64k_windows(data):
     for want in reference[1:]:
         got = next(again)
         assert torch.equal(got.inputs, want.inputs) and torch.equal(got.targets, want.targets)
+
+
+def test_generation_reads_a_long_prompt_in_segments(data):
+    """A 3000-token prompt read in parallel mode in segments of 1024 carrying the state continues as when it is read
+    in one piece (the same sampled tokens)."""
+    from pathlib import Path
+
+    from rwkv_dist.data import Tokenizer
+    from rwkv_dist.inference import sample
+
+    tok = Tokenizer(Path(data).parent / "tokenizer")
+    model = noisy(RWKVConfig(n_layer=2, n_embd=32, vocab_size=2048)).eval()
+    words = " ".join(f"def f{i}(x): return x + {i}" for i in range(400))
+    prompt = tok.decode(tok.encode([words])[0][:3000])
+    assert len(tok.encode([prompt])[0]) > 2048
+    with torch.no_grad():
+        whole = sample(model, tok, prompt, 16, seed=5, prefill_len=10**6)
+        pieces = sample(model, tok, prompt, 16, seed=5, prefill_len=1024)
+    assert pieces == whole and len(tok.encode([whole])[0]) >= 8
