@@ -35,6 +35,7 @@ bench: setup
 	$(PY) bench/zero3_memory.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/tensor_parallel.py
+	$(PY) bench/long_context.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) build *.egg-info
