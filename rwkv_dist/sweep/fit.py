@@ -1,9 +1,15 @@
-"""Scaling-law fit of sweep results: L(N, D) = E + A / N^alpha + B / D^beta (the Chinchilla form, Hoffmann et al. 2022).
+"""Scaling-law fits of sweep results (Hoffmann et al. 2022's Approaches 2 and 3), with bootstrap intervals.
 
-N = model parameters (`params`), D = training tokens (`tokens`), C = training FLOPs ~ 6 N D (`flops`).
+N = model parameters (`params`, or `params_non_embedding` with params="non-embedding"), D = training tokens
+(`tokens`), C = training FLOPs (`flops`: the sweep writes the model's own count, 3 x forward FLOPs per token x tokens;
+FlopsModel fits flops/token = k N^gamma to the runs, so compute-optimal allocations follow that count, not 6ND).
+Approach 3: L(N, D) = E + A / N^alpha + B / D^beta fitted robustly (Huber, log space) to every finished run.
+Approach 2: for an isoFLOP sweep (a `budget` column), a parabola of loss in ln N per budget, its minimum, and power
+laws N_opt ~ C^a, D_opt ~ C^b through the minima. Intervals: percentile bootstrap over runs (Besiroglu et al. 2024).
 The sweep runner writes one CSV row per run with the columns in REQUIRED_COLUMNS; only rows with status "done" are
-fitted, and each uses val_loss, or train_loss where val_loss is empty. `fit_results` is the one-call entry point:
-read the CSV, fit, write fit.json and two PNGs. Bad input raises DataError with one line naming the file and problem.
+fitted (not the constant-LR runs of WSD sweeps), each with val_loss, or train_loss where val_loss is empty; with an
+LR axis each (N, D) keeps its lowest-loss run. `fit_results` is the one-call entry point: read the CSV, fit, write
+fit.json, PNGs and report.md. Bad input raises DataError with one line naming the file and problem.
 """
 
 from __future__ import annotations
@@ -490,9 +496,12 @@ def _human(n: float) -> str:
     return f"{n:.3g}"
 
 
+LABELS = {"N": "N: parameters", "C": "training FLOPs C"}  # plots say which N and C (fit_results passes its own)
+
+
 def plot_loss_vs_compute(rows: Sequence[Mapping[str, Any]] | Points, fit: LossFit, path: str | Path,
                          flops_model: FlopsModel | None = None, band: tuple[np.ndarray, np.ndarray, np.ndarray] |
-                         None = None, level: float = 0.9) -> Path:
+                         None = None, level: float = 0.9, labels: Mapping[str, str] | None = None) -> Path:
     """PNG of loss vs training FLOPs, one series per model size, the fit's compute-optimal frontier and, with
     `band` = (budgets, low, high), its bootstrap interval."""
     points = rows if isinstance(rows, Points) else finished_points(rows)
@@ -508,7 +517,7 @@ def plot_loss_vs_compute(rows: Sequence[Mapping[str, Any]] | Points, fit: LossFi
     if band is not None:
         ax.fill_between(band[0], band[1], band[2], color="k", alpha=0.15, label=f"{level:.0%} bootstrap band")
     ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs")
+    ax.set_xlabel((labels or LABELS)["C"])
     ax.set_ylabel("loss")
     ax.legend(fontsize="small")
     fig.savefig(path)
@@ -534,7 +543,7 @@ def plot_fit_vs_observed(rows: Sequence[Mapping[str, Any]] | Points, fit: LossFi
     return Path(path)
 
 
-def plot_isoflop(points: Points, iso: IsoFlopFit, path: str | Path) -> Path:
+def plot_isoflop(points: Points, iso: IsoFlopFit, path: str | Path, labels: Mapping[str, str] | None = None) -> Path:
     """PNG of loss vs N per budget with its parabola and minimum (Approach 2)."""
     fig, ax = _figure("IsoFLOP profiles (Approach 2)")
     for c, p, n, loss, color in zip(iso.budgets, iso.parabolas, iso.n_opt, iso.loss_opt, _size_colors(iso.budgets)):
@@ -544,7 +553,7 @@ def plot_isoflop(points: Points, iso: IsoFlopFit, path: str | Path) -> Path:
         ax.plot(np.exp(x), np.polyval(p, x), "-", color=color)
         ax.plot([n], [loss], "k*", markersize=10)
     ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
+    ax.set_xlabel((labels or LABELS)["N"])
     ax.set_ylabel("loss")
     ax.legend(fontsize="small")
     fig.savefig(path)
@@ -553,7 +562,7 @@ def plot_isoflop(points: Points, iso: IsoFlopFit, path: str | Path) -> Path:
 
 def plot_n_opt(fit: LossFit, flops_model: FlopsModel, budgets: np.ndarray, path: str | Path,
                iso: IsoFlopFit | None = None, bands: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
-               level: float = 0.9) -> Path:
+               level: float = 0.9, labels: Mapping[str, str] | None = None) -> Path:
     """PNG of N_opt vs C from Approach 3 (and Approach 2's minima with their power law), with bootstrap bands."""
     fig, ax = _figure("Compute-optimal model size")
     grid = np.logspace(np.log10(budgets.min()), np.log10(budgets.max()), 100)
@@ -568,8 +577,8 @@ def plot_n_opt(fit: LossFit, flops_model: FlopsModel, budgets: np.ndarray, path:
                             label=f"Approach 2, {level:.0%} band")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("training FLOPs C")
-    ax.set_ylabel("N_opt")
+    ax.set_xlabel((labels or LABELS)["C"])
+    ax.set_ylabel(f"N_opt, {(labels or LABELS)['N']}")
     ax.legend(fontsize="small")
     fig.savefig(path)
     return Path(path)
@@ -690,16 +699,18 @@ def fit_results(csv_path: str | Path, out_dir: str | Path, budgets: Sequence[flo
     if samples is not None and samples["approach3"]["loss"].size and budgets.size > 1:
         band = (budgets, *np.percentile(samples["approach3"]["loss"], [(1 - level) * 50, 100 - (1 - level) * 50],
                                         axis=0))
-    plot_loss_vs_compute(points, fit, out / result["plots"]["loss_vs_compute"], flops_model, band, level)
+    labels = {"N": f"N: {params} parameters",
+              "C": "training FLOPs C (" + ("the model's count" if has_model_flops else "the table's flops") + ")"}
+    plot_loss_vs_compute(points, fit, out / result["plots"]["loss_vs_compute"], flops_model, band, level, labels)
     plot_fit_vs_observed(points, fit, out / result["plots"]["fit_vs_observed"])
     bands = {}
     if samples is not None and budgets.size > 1:
         for approach in ("approach3", "approach2"):
             if approach in samples and samples[approach]["n_opt"].size:
                 bands[approach] = tuple(interval(samples[approach]["n_opt"], level))
-    plot_n_opt(fit, flops_model, budgets, out / result["plots"]["n_opt_vs_compute"], iso, bands, level)
+    plot_n_opt(fit, flops_model, budgets, out / result["plots"]["n_opt_vs_compute"], iso, bands, level, labels)
     if iso is not None:
-        plot_isoflop(points, iso, out / result["plots"]["isoflop"])
+        plot_isoflop(points, iso, out / result["plots"]["isoflop"], labels)
     result["report"] = "report.md"
     # allow_nan=False: fit.json stays strict JSON that any reader accepts.
     result = _finite(result)

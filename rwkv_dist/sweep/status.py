@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..train.checkpoint import COMPLETE, CheckpointStore
-from .runner import DRIVER, PLAN, RESULT, Run
+from ..train.checkpoint import COMPLETE, CheckpointStore, step_name
+from .runner import BRANCH_POINTS, DRIVER, PLAN, RESULT, Run
 
 HEARTBEAT_S = 120.0  # a driver silent this long is taken for dead
 
@@ -74,7 +74,8 @@ def status_rows(out_dir: str | Path) -> tuple[list[dict], dict | None]:
                 row["eta"] = (run.steps - step) * run.tokens_per_step / last["tokens_per_s"]
         elif CheckpointStore(run.out_dir / "checkpoints").committed():
             row["status"] = "interrupted"
-        elif run.role == "branch" and not (run.out_dir.parent / run.parent / "branch_points").is_dir():
+        elif run.role == "branch" and not (run.out_dir.parent / run.parent / BRANCH_POINTS / step_name(run.start_step)
+                                           / COMPLETE).is_file():
             row["status"] = "waiting"
             row["note"] = f"for {run.parent}"
         else:
