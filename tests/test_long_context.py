@@ -291,3 +291,21 @@ def test_generation_reads_a_long_prompt_in_segments(data):
         whole = sample(model, tok, prompt, 16, seed=5, prefill_len=10**6)
         pieces = sample(model, tok, prompt, 16, seed=5, prefill_len=1024)
     assert pieces == whole and len(tok.encode([whole])[0]) >= 8
+
+
+def test_checkpoints_written_before_the_new_parallel_fields_still_resume(cp_runs, data, tmp_path):
+    """A run's checkpoints from before parallel.tensor / parallel.context existed resume: a missing field had its
+    default."""
+    import shutil
+
+    import yaml
+
+    out = tmp_path / "old"
+    shutil.copytree(cp_runs["one"], out)
+    for config in out.glob("checkpoints/step_*/config.yaml"):
+        saved = yaml.safe_load(config.read_text())
+        for field in ("tensor", "context"):
+            saved["parallel"].pop(field)
+        config.write_text(yaml.safe_dump(saved))
+    run(data, out, 1, *CP[1:], "schedule.grad_accum=2", "schedule.steps=7", "checkpoint.resume=auto", ctx=64)
+    assert sorted(losses(out)) == list(range(1, 8))

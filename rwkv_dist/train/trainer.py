@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import RunConfig
+from ..config import ParallelConfig, RunConfig
 from ..data import Source, TokenLoader, load_manifest, validation_batches
 from ..data.shards import check_same_tokenizer, read_bytes, shard_url
 from ..data.tokenizer import MODEL_FILE
@@ -155,6 +155,8 @@ class Trainer:
             a, b = saved, now
             for part in key.split("."):
                 a, b = (a or {}).get(part), (b or {}).get(part)
+            if a is None and key.startswith("parallel."):  # written before the field existed: it had its default
+                a = ParallelConfig.model_fields[key.removeprefix("parallel.")].default
             if a != b:
                 raise CheckpointError(f"{folder}: saved with {key} = {a!r}, this run has {b!r}; "
                                       f"start a new out_dir or set checkpoint.resume=none")
