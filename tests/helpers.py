@@ -129,3 +129,14 @@ def kill_all_at_step(proc: subprocess.Popen, run_dir: Path, step: int) -> int:
 # torchrun's. Across launchers weights are therefore held to the LR-budget bound of assert_same_training only.
 LAUNCHER_REL = 1e-4
 LAUNCHER_CLOSE = None
+
+
+def assert_train_refuses(data: str, out: Path, overrides: list[str], message: str, env: dict | None = None) -> None:
+    """`rwkv-dist train` on the tiny run with `overrides` exits 2 with exactly one error line containing `message`,
+    and writes nothing to `out`."""
+    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "train", *tiny(data, out, 1, *overrides)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [x for x in done.stderr.splitlines() if "error:" in x]
+    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+    assert not out.exists()

@@ -16,7 +16,7 @@ from rwkv_dist.model import RWKV, RWKVConfig
 from rwkv_dist.parallel.common import training_loss
 from rwkv_dist.train.segmented import SegmentedRWKV
 
-from helpers import assert_same_training, launch, losses, records, tiny, weights
+from helpers import assert_same_training, assert_train_refuses, launch, losses, records, tiny, weights
 
 L2WRAP = type("Loss", (), {"l2wrap": True})()
 
@@ -144,13 +144,7 @@ def test_segmented_training_through_the_trainer_equals_whole_windows(data, tmp_p
      "schedule.segment_len (32 < ctx_len 128) needs strategy zero3 or ddp"),
 ])
 def test_bad_segment_lengths_are_one_line_errors(data, tmp_path, overrides, message):
-    out = tmp_path / "never"
-    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "train", *tiny(data, out, 1, *overrides)],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [x for x in done.stderr.splitlines() if "error:" in x]
-    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
-    assert not out.exists()
+    assert_train_refuses(data, tmp_path / "never", overrides, message)
 
 
 def test_evaluation_in_segments_scores_the_whole_window(data):
@@ -240,12 +234,7 @@ def test_a_killed_context_parallel_run_resumes_bitwise(cp_runs):
      "parallel.context (2) needs strategy zero3 or ddp"),
 ])
 def test_bad_context_layouts_are_one_line_errors(data, tmp_path, overrides, env, message):
-    out = tmp_path / "never"
-    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "train", *tiny(data, out, 1, *overrides)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [x for x in done.stderr.splitlines() if "error:" in x]
-    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
+    assert_train_refuses(data, tmp_path / "never", overrides, message, env)
 
 
 def test_the_loader_packs_and_resumes_64k_windows(data):

@@ -15,8 +15,8 @@ import torch
 
 from rwkv_dist.model.state_dict import load_rwkv
 
-from helpers import (LAUNCHER_CLOSE, LAUNCHER_REL, TRAIN_WORKER, assert_same_training, kill_all_at_step, launch,
-                     losses, raw_records, records, run_cli, weights)
+from helpers import (LAUNCHER_CLOSE, LAUNCHER_REL, TRAIN_WORKER, assert_same_training, assert_train_refuses,
+                     kill_all_at_step, launch, losses, raw_records, records, run_cli, weights)
 
 # a 4-block model (so 4 stages fit), 8 sequences per step as 4 micro-batches of 2 per data-parallel rank and step
 BASE = ["model.n_layer=4", "schedule.micro_batch_size=2"]
@@ -189,15 +189,7 @@ LAYOUT_ERRORS = [
 
 @pytest.mark.parametrize("overrides, env, message", LAYOUT_ERRORS)
 def test_bad_pipeline_layouts_are_one_line_errors_before_any_work(data, tmp_path, overrides, env, message):
-    from helpers import tiny
-
-    out = tmp_path / "never"
-    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "train", *tiny(data, out, 1, *overrides)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [x for x in done.stderr.splitlines() if "error:" in x]
-    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
-    assert not out.exists()
+    assert_train_refuses(data, tmp_path / "never", overrides, message, env)
 
 
 def test_balanced_split_counts_the_embedding_and_head():

@@ -17,7 +17,8 @@ import torch
 from rwkv_dist.model import RWKVConfig
 from rwkv_dist.model.state_dict import load_rwkv
 
-from helpers import TRAIN_WORKER, assert_same_training, kill_all_at_step, launch, losses, raw_records, records, run_cli
+from helpers import (TRAIN_WORKER, assert_same_training, assert_train_refuses, kill_all_at_step, launch, losses,
+                     raw_records, records, run_cli)
 from helpers import tiny, weights
 
 WORKER = Path(__file__).with_name("tp_layers_worker.py")
@@ -178,10 +179,4 @@ TP_ERRORS = [
 
 @pytest.mark.parametrize("overrides, env, message", TP_ERRORS)
 def test_bad_tensor_parallel_requests_are_one_line_errors(data, tmp_path, overrides, env, message):
-    out = tmp_path / "never"
-    done = subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "train", *tiny(data, out, 1, *overrides)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, **env})
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [x for x in done.stderr.splitlines() if "error:" in x]
-    assert len(lines) == 1 and message in lines[0], done.stderr[-2000:]
-    assert not out.exists()
+    assert_train_refuses(data, tmp_path / "never", overrides, message, env)
