@@ -50,6 +50,20 @@ def step_time(records: list[dict], tokens_per_step: int) -> float:
     return statistics.median(tokens_per_step / r["tokens_per_s"] for r in records[2:])
 
 
+def compare_layouts(root: Path, data: str, args: argparse.Namespace, runs: dict, tokens: int) -> None:
+    """Train each {name: (world, overrides)} run and print its per-rank model-state bytes and median step time against
+    the first run's."""
+    print(f"model L{args.layers} D{args.embd}, ctx 64, global batch 8, fp32, {args.steps} steps\n")
+    print(f"{'layout':34s} {'model-state bytes/rank':>24s} {'vs first':>9s} {'step s':>8s} {'vs first':>9s}")
+    base = None
+    for i, (name, (world, overrides)) in enumerate(runs.items()):
+        out = root / f"run{i}"
+        recs = train(out, data, world, args, *overrides)
+        state, t = held_bytes(out), step_time(recs, tokens)
+        base = base or (state, t)
+        print(f"{name:34s} {state:24,d} {state / base[0]:9.3f} {t:8.3f} {t / base[1]:9.2f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
@@ -69,15 +83,7 @@ def main() -> None:
             "pipeline P=2 x DP=2, gather/step": (4, [*batch, "schedule.grad_accum=2", "parallel.strategy=pipeline",
                                                      "parallel.pipeline_stages=2", "parallel.pipeline_gather=step"]),
         }
-        print(f"model L{args.layers} D{args.embd}, ctx 64, global batch 8, fp32, {args.steps} steps\n")
-        print(f"{'layout':32s} {'model-state bytes/rank':>24s} {'vs 1 process':>13s} {'step s':>8s} {'vs 1 process':>13s}")
-        base = None
-        for i, (name, (world, overrides)) in enumerate(runs.items()):
-            out = root / f"run{i}"
-            recs = train(out, data, world, args, *overrides)
-            state, t = held_bytes(out), step_time(recs, tokens)
-            base = base or (state, t)
-            print(f"{name:32s} {state:24,d} {state / base[0]:13.3f} {t:8.3f} {t / base[1]:13.2f}")
+        compare_layouts(root, data, args, runs, tokens)
         print("\npipeline bubble, P=2 x DP=1 (measured on the last stage vs (P-1)/(m+P-1))")
         print(f"{'m':>4s} {'measured idle':>14s} {'1F1B theory':>12s}")
         P = 2

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline import REPO, held_bytes, step_time, train  # bench/pipeline.py: the same runner and readers
+from pipeline import REPO, compare_layouts  # bench/pipeline.py: the same runner and table
 
 from rwkv_dist.demo import prepare_data
 
@@ -37,15 +37,7 @@ def main() -> None:
             "zero3, 2 ranks": (2, [*batch, "schedule.grad_accum=1"]),
             "tensor parallel T=2": (2, [*batch, "schedule.grad_accum=2", "parallel.tensor=2"]),
         }
-        print(f"model L{args.layers} D{args.embd}, ctx 64, global batch 8, fp32, {args.steps} steps\n")
-        print(f"{'layout':28s} {'model-state bytes/rank':>24s} {'vs 1 process':>13s} {'step s':>8s} {'vs 1 process':>13s}")
-        base = None
-        for i, (name, (world, overrides)) in enumerate(runs.items()):
-            out = root / f"run{i}"
-            recs = train(out, data, world, args, *overrides)
-            state, t = held_bytes(out), step_time(recs, tokens)
-            base = base or (state, t)
-            print(f"{name:28s} {state:24,d} {state / base[0]:13.3f} {t:8.3f} {t / base[1]:13.2f}")
+        compare_layouts(root, data, args, runs, tokens)
     for gpu in ("A100-80G", "H200"):
         print(f"\nrwkv-dist plan configs/train/rwkv4-14b-3d.yaml --gpus 64 --gpu {gpu}")
         subprocess.run([sys.executable, "-m", "rwkv_dist.cli", "plan", str(REPO / "configs/train/rwkv4-14b-3d.yaml"),
