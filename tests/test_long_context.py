@@ -16,7 +16,7 @@ from rwkv_dist.model import RWKV, RWKVConfig
 from rwkv_dist.parallel.common import training_loss
 from rwkv_dist.train.segmented import SegmentedRWKV
 
-from helpers import assert_same_training, assert_train_refuses, launch, losses, records, tiny, weights
+from helpers import assert_same_training, assert_train_refuses, launch, losses, records, tiny, train, weights
 
 L2WRAP = type("Loss", (), {"l2wrap": True})()
 
@@ -115,19 +115,14 @@ def test_activation_memory_is_that_of_one_segment():
     assert segmented[8192] < 0.5 * whole[8192], (segmented, whole)
 
 
-def run(data, out, procs, *overrides, ctx: int = 128):
-    done = subprocess.run(launch(tiny(data, out, procs, f"model.ctx_len={ctx}", *overrides), procs), capture_output=True,
-                          text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-
-
 def test_segmented_training_through_the_trainer_equals_whole_windows(data, tmp_path):
     """6 steps at ctx 128: whole windows (1 process) against segments of 32 under zero3 on 2 ranks with activation
     checkpointing, and under ddp: the same losses, norms and weights."""
     out = {name: tmp_path / name for name in ("whole", "zero3", "ddp")}
-    run(data, out["whole"], 1)
-    run(data, out["zero3"], 2, "schedule.segment_len=32", "parallel.activation_checkpointing=true")
-    run(data, out["ddp"], 1, "schedule.segment_len=32", "parallel.strategy=ddp")
+    train(data, out["whole"], 1, "model.ctx_len=128")
+    train(data, out["zero3"], 2, "model.ctx_len=128", "schedule.segment_len=32",
+          "parallel.activation_checkpointing=true")
+    train(data, out["ddp"], 1, "model.ctx_len=128", "schedule.segment_len=32", "parallel.strategy=ddp")
     ref = losses(out["whole"])
     assert sorted(ref) == list(range(1, 7)) and ref[6] < ref[1] - 0.5
     for name in ("zero3", "ddp"):
@@ -192,14 +187,14 @@ def cp_runs(data, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("context")
     out = {name: root / name for name in ("one", "c2", "c4", "c2d2")}
-    run(data, out["one"], 1, *CP[1:], "schedule.grad_accum=2", ctx=64)
+    train(data, out["one"], 1, *CP, "schedule.grad_accum=2")
     args = tiny(data, out["c2"], 2, *CP, "schedule.grad_accum=2", "parallel.context=2")
     proc = subprocess.Popen(launch(args, 2), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     out["c2_killed_at"] = kill_all_at_step(proc, out["c2"], 4)
-    run(data, out["c2"], 2, *CP[1:], "schedule.grad_accum=2", "parallel.context=2", "checkpoint.resume=auto", ctx=64)
-    run(data, out["c4"], 4, *CP[1:], "schedule.grad_accum=2", "parallel.context=4", ctx=64)
-    run(data, out["c2d2"], 4, *CP[1:], "schedule.grad_accum=1", "parallel.context=2", ctx=64)
+    train(data, out["c2"], 2, *CP, "schedule.grad_accum=2", "parallel.context=2", "checkpoint.resume=auto")
+    train(data, out["c4"], 4, *CP, "schedule.grad_accum=2", "parallel.context=4")
+    train(data, out["c2d2"], 4, *CP, "schedule.grad_accum=1", "parallel.context=2")
     return out
 
 
@@ -296,5 +291,5 @@ def test_checkpoints_written_before_the_new_parallel_fields_still_resume(cp_runs
         for field in ("tensor", "context"):
             saved["parallel"].pop(field)
         config.write_text(yaml.safe_dump(saved))
-    run(data, out, 1, *CP[1:], "schedule.grad_accum=2", "schedule.steps=7", "checkpoint.resume=auto", ctx=64)
+    train(data, out, 1, *CP, "schedule.grad_accum=2", "schedule.steps=7", "checkpoint.resume=auto")
     assert sorted(losses(out)) == list(range(1, 8))

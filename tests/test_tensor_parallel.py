@@ -18,20 +18,13 @@ from rwkv_dist.model import RWKVConfig
 from rwkv_dist.model.state_dict import load_rwkv
 
 from helpers import (TRAIN_WORKER, assert_same_training, assert_train_refuses, kill_all_at_step, launch, losses,
-                     raw_records, records, run_cli)
+                     raw_records, records, run_cli, train)
 from helpers import tiny, weights
 
 WORKER = Path(__file__).with_name("tp_layers_worker.py")
 # the helpers' tiny model (L2 D64, vocabulary 2048), 8 sequences per step; checkpoints every 3 steps so a run killed
 # after step 4 recomputes two steps
 EVERY3 = "checkpoint.every_steps=3"
-
-
-def run(data: str, out: Path, procs: int, *overrides: str, script: Path | None = None, expect: int = 0):
-    done = subprocess.run(launch(tiny(data, out, procs, *overrides), procs, script), capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == expect, done.stdout[-3000:] + done.stderr[-5000:]
-    return done
 
 
 def layout(tensor: int, stages: int = 1, grad_accum: int = 1) -> list[str]:
@@ -45,14 +38,14 @@ def tp_runs(data, tmp_path_factory) -> dict[str, Path]:
     SIGKILLed after step 4 and resumed with --resume auto; T=2 x D=2."""
     root = tmp_path_factory.mktemp("tensor")
     out = {name: root / name for name in ("one", "t2", "t2p2", "t2d2")}
-    run(data, out["one"], 1, "schedule.grad_accum=2", EVERY3, script=TRAIN_WORKER)
-    run(data, out["t2"], 2, *layout(2, grad_accum=2), script=TRAIN_WORKER)
+    train(data, out["one"], 1, "schedule.grad_accum=2", EVERY3, script=TRAIN_WORKER)
+    train(data, out["t2"], 2, *layout(2, grad_accum=2), script=TRAIN_WORKER)
     args = tiny(data, out["t2p2"], 4, *layout(2, stages=2, grad_accum=2))
     proc = subprocess.Popen(launch(args, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     out["t2p2_killed_at"] = kill_all_at_step(proc, out["t2p2"], 4)
-    run(data, out["t2p2"], 4, *layout(2, stages=2, grad_accum=2), "checkpoint.resume=auto")
-    run(data, out["t2d2"], 4, *layout(2))
+    train(data, out["t2p2"], 4, *layout(2, stages=2, grad_accum=2), "checkpoint.resume=auto")
+    train(data, out["t2d2"], 4, *layout(2))
     return out
 
 
@@ -161,7 +154,7 @@ def test_another_layout_continues_from_the_export(tp_runs, data, tmp_path):
     pth = tmp_path / "t2p2.pth"
     assert run_cli("export", tp_runs["t2p2"], "--format", "blinkdl", "--out", pth).returncode == 0
     out = tmp_path / "continued"
-    done = run(data, out, 2, f"checkpoint.init_from={pth}")
+    done = train(data, out, 2, f"checkpoint.init_from={pth}")
     assert "from the weights of" in done.stdout
     got, fresh = losses(out), losses(tp_runs["one"])
     assert sorted(got) == list(range(1, 7)) and got[1] < fresh[1] - 1.5
