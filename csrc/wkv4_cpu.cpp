@@ -1,132 +1,415 @@
-// CPU WKV kernel: OpenMP over (batch row, tile of channels), sequential in T, the tile's channels innermost so that
-// every time step reads contiguous memory and the compiler can vectorize across channels.
-// The math lives in wkv4_core.h (shared with the CUDA kernel); this file only walks tensors.
-#include <torch/extension.h>
-
+// CPU WKV kernel: OpenMP over (batch row, tile of channels), sequential in T. Each tile is NV SIMD vectors of kWidth
+// channels (GCC vector extensions: AVX2 ymm registers, or whatever -march gives; plain SSE pairs on a generic x86-64),
+// and the math of wkv4_core.h (shared with the CUDA kernel) runs on whole vectors, forward and backward alike: every
+// time step reads contiguous memory, the NV vectors of a tile give the out-of-order core independent dependency chains,
+// and the exponentials are an inlined polynomial (exp_lanes) instead of calls into libm.
+//
+// Inputs k, v, gy and outputs y, gk, gv are read and written in their storage dtype (fp32, bf16, fp16) and converted
+// in registers; all math is fp32.
+//
+// Built without -ffast-math (see rwkv_dist/ops/_build.py): NaN and inf inputs must come out as NaN/inf (wkv4_core.h's
+// exp_of_pair relies on IEEE m - m), and nothing here needs the compiler to reassociate.
+// With -DWKV4_NO_TORCH the file compiles without torch (the kernels only), for standalone timing of the loops.
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef WKV4_NO_TORCH
+#include <torch/extension.h>
+#endif
 
 #include "wkv4_core.h"
 #include "wkv4_layout.h"
 
-namespace {
+namespace wkv4cpu {
 
-// Channels per work item: several SIMD registers wide, so that the independent lanes' dependency chains over t overlap
-// (measured here: 16 lanes 9 ns/element, 64 lanes 3.5 ns/element single-threaded).
-constexpr int64_t kTile = 64;
+constexpr int kWidth = 8;  // floats per vector (32 bytes: one AVX2 register)
+typedef float vf __attribute__((vector_size(4 * kWidth)));
+typedef int32_t vi __attribute__((vector_size(4 * kWidth)));
+typedef uint32_t vu __attribute__((vector_size(4 * kWidth)));
+typedef uint16_t vu16 __attribute__((vector_size(2 * kWidth)));
+typedef _Float16 vh __attribute__((vector_size(2 * kWidth)));
 
-using wkv4::State;
+#define WKV_INLINE inline __attribute__((always_inline))
 
-// States of one tile's lanes as three arrays (not an array of structs), so the lane loop vectorizes.
-struct Tile {
-    float a[kTile], b[kTile], p[kTile];
-    State get(int64_t i) const { return State{a[i], b[i], p[i]}; }
-    void set(int64_t i, const State& s) { a[i] = s.a, b[i] = s.b, p[i] = s.p; }
-    void load(const float* planes, int64_t plane, int64_t at, int64_t n) {
-        for (int64_t i = 0; i < n; ++i) set(i, wkv4::load_state(planes, plane, at + i));
+WKV_INLINE vf splat(float x) { return vf{} + x; }
+
+// e^x on every lane: Cephes' expf (e^x = 2^n e^r, n = round(x / ln 2), r = x - n ln 2 with ln 2 in two parts, e^r by
+// a degree-7 polynomial; ~1 ulp). e^0 is exactly 1 (wkv4_core.h's exp_of_pair relies on it). Below ln(FLT_MIN) the
+// result is 0 (no subnormals), above 88.376 it is inf, and NaN stays NaN (comparisons with NaN are false).
+WKV_INLINE vf exp_lanes(vf x) {
+    const vi overflow = x > 88.3762626647949f;
+    const vi underflow = x < -87.3365447504019f;
+    x = underflow ? -87.3365447504019f : x;
+    x = overflow ? 0.f : x;
+    const vf n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest (1.5 * 2^23 trick)
+    vf r = x - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.f;
+    const vi scale = (__builtin_convertvector(n, vi) + 127) << 23;  // 2^n as float bits, n in [-126, 127]
+    vf out = p * (vf)scale;
+    out = underflow ? 0.f : out;
+    return overflow ? __builtin_inff() : out;
+}
+
+// Storage dtypes, layout-compatible with float, c10::BFloat16 and c10::Half.
+struct Bf16 {
+    uint16_t bits;
+};
+struct Fp16 {
+    _Float16 value;
+};
+
+template <class F>
+struct Io;
+template <>
+struct Io<float> {
+    static WKV_INLINE vf load(const float* p) {
+        vf x;
+        std::memcpy(&x, p, sizeof x);
+        return x;
     }
-    void store(float* planes, int64_t plane, int64_t at, int64_t n) const {
-        for (int64_t i = 0; i < n; ++i) wkv4::store_state(planes, plane, at + i, get(i));
+    static WKV_INLINE void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+};
+template <>
+struct Io<Bf16> {
+    static WKV_INLINE vf load(const Bf16* p) {
+        vu16 h;
+        std::memcpy(&h, p, sizeof h);
+        const vu bits = __builtin_convertvector(h, vu) << 16;
+        return (vf)bits;
+    }
+    // Round to nearest even, NaN -> 0x7FC0: c10::BFloat16's conversion, lane by lane.
+    static WKV_INLINE void store(Bf16* p, vf x) {
+        const vu bits = (vu)x;
+        vu r = (bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16;
+        r = x != x ? 0x7FC0u : r;
+        const vu16 h = __builtin_convertvector(r, vu16);
+        std::memcpy(p, &h, sizeof h);
+    }
+};
+template <>
+struct Io<Fp16> {  // IEEE conversions (round to nearest even), like c10::Half; F16C instructions where available
+    static WKV_INLINE vf load(const Fp16* p) {
+        vh h;
+        std::memcpy(&h, p, sizeof h);
+        return __builtin_convertvector(h, vf);
+    }
+    static WKV_INLINE void store(Fp16* p, vf x) {
+        const vh h = __builtin_convertvector(x, vh);
+        std::memcpy(p, &h, sizeof h);
     }
 };
 
-struct Lanes {
-    int64_t b, c0, n;  // batch row, first channel, number of channels in this tile
-};
+// n < kWidth lanes (the last channels of a row): through a zero-filled buffer; the other lanes compute on zeros and
+// are never stored.
+template <bool Full, class F>
+WKV_INLINE vf load(const F* p, int n) {
+    if (Full || n == kWidth) return Io<F>::load(p);
+    F buf[kWidth] = {};
+    for (int i = 0; i < n && i < kWidth; ++i) buf[i] = p[i];
+    return Io<F>::load(buf);
+}
+template <bool Full, class F>
+WKV_INLINE void store(F* p, vf x, int n) {
+    if (Full || n == kWidth) return Io<F>::store(p, x);
+    F buf[kWidth];
+    Io<F>::store(buf, x);
+    for (int i = 0; i < n && i < kWidth; ++i) p[i] = buf[i];
+}
 
-template <typename F>
-void forward_kernel(const float* __restrict__ w, const float* __restrict__ u, const F* __restrict__ k,
-                    const F* __restrict__ v, const float* __restrict__ s0, F* __restrict__ y,
-                    float* __restrict__ s_out, float* __restrict__ ckpt, int64_t B, int64_t T, int64_t C) {
-    const int64_t tiles = (C + kTile - 1) / kTile;
-    const int64_t n_ckpt = wkv4::num_checkpoints(T);
+using VState = wkv4::StateT<vf>;
+
+// Software prefetch of one row segment (n_lanes channels starting at p) into the cache. Consecutive time steps are
+// C channels apart, several KB for real models: beyond what the hardware prefetchers follow within a page, so the
+// kernels ask for the rows they will need a few steps ahead.
+template <class F>
+WKV_INLINE void prefetch(const F* p, int n_lanes) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t off = 0; off < static_cast<int64_t>(n_lanes * sizeof(F)); off += 64) __builtin_prefetch(c + off);
+}
+
+template <bool Full>
+WKV_INLINE VState load_state(const float* planes, int64_t plane, int64_t at, int n) {
+    return VState{load<Full>(planes + at, n), load<Full>(planes + plane + at, n), load<Full>(planes + 2 * plane + at, n)};
+}
+template <bool Full>
+WKV_INLINE void store_state(float* planes, int64_t plane, int64_t at, const VState& s, int n) {
+    store<Full>(planes + at, s.a, n);
+    store<Full>(planes + plane + at, s.b, n);
+    store<Full>(planes + 2 * plane + at, s.p, n);
+}
+
+}  // namespace wkv4cpu
+
+namespace wkv4 {
+template <>
+struct Math<wkv4cpu::vf> {
+    static WKV_INLINE wkv4cpu::vf exp(wkv4cpu::vf x) { return wkv4cpu::exp_lanes(x); }
+};
+}  // namespace wkv4
+
+namespace wkv4cpu {
+
+// Work layout. A tile is kVectors vectors (64 channels, 256 bytes of fp32 per row): enough independent dependency
+// chains per step for the out-of-order core, and whole cache lines. A job is one batch row's group of consecutive
+// tiles (the whole row unless there are too few rows to keep every thread busy), walked chunk by chunk of
+// L = kCheckpointEvery steps and, inside a chunk, tile by tile: the rows of a chunk (C channels apart, several KB)
+// stay in the cache and the TLB while the group's tiles pass over them, and each (chunk, tile) unit prefetches the
+// rows the next unit will read, since strided rows defeat the hardware prefetchers. (Measured: 16-lane tiles walking
+// all of T are ~2x slower at B8 T1024 C512 than in cache; tile size itself barely changes the in-cache speed.)
+#ifndef WKV4_VECTORS
+#define WKV4_VECTORS 8
+#endif
+constexpr int kVectors = WKV4_VECTORS;
+constexpr int kTileLanes = kVectors * kWidth;
+constexpr int64_t L = wkv4::kCheckpointEvery;
+
+template <class F>
+WKV_INLINE void prefetch_write(const F* p, int n_lanes) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t off = 0; off < static_cast<int64_t>(n_lanes * sizeof(F)); off += 64) __builtin_prefetch(c + off, 1);
+}
+
+// Lanes of vector j in a tile of n lanes (Full: n == kTileLanes).
+template <bool Full>
+WKV_INLINE int lanes(int n, int j) {
+    return Full ? kWidth : std::min(kWidth, n - j * kWidth);
+}
+template <bool Full>
+WKV_INLINE int vectors(int n) {
+    return Full ? kVectors : (n + kWidth - 1) / kWidth;
+}
+
+// The jobs: B rows x `groups` groups of tiles per row. run(b, c_begin, c_end) for each, OpenMP-parallel.
+template <class Run>
+void for_each_group(int64_t B, int64_t C, Run run) {
+    const int64_t tiles = (C + kTileLanes - 1) / kTileLanes;
+#ifdef _OPENMP
+    const int64_t threads = omp_get_max_threads();
+#else
+    const int64_t threads = 1;
+#endif
+    const int64_t groups = std::min(tiles, std::max<int64_t>(1, (2 * threads + B - 1) / B));
 #pragma omp parallel for schedule(static)
-    for (int64_t job = 0; job < B * tiles; ++job) {
-        const Lanes l{job / tiles, (job % tiles) * kTile, std::min(kTile, C - (job % tiles) * kTile)};
-        Tile s;
-        s.load(s0, B * C, l.b * C + l.c0, l.n);
-        for (int64_t t = 0; t < T; ++t) {
-            const int64_t row = (l.b * T + t) * C + l.c0;
-            if (ckpt && t % wkv4::kCheckpointEvery == 0)
-                s.store(ckpt, B * n_ckpt * C, (l.b * n_ckpt + t / wkv4::kCheckpointEvery) * C + l.c0, l.n);
-            for (int64_t i = 0; i < l.n; ++i) {
-                const int64_t c = l.c0 + i;
-                State st = s.get(i);
-                y[row + i] = static_cast<F>(wkv4::forward_step(st, w[c], u[c], static_cast<float>(k[row + i]),
-                                                               static_cast<float>(v[row + i])));
-                s.set(i, st);
-            }
-        }
-        s.store(s_out, B * C, l.b * C + l.c0, l.n);
+    for (int64_t job = 0; job < B * groups; ++job) {
+        const int64_t b = job / groups, g = job % groups;
+        run(b, std::min(C, g * tiles / groups * kTileLanes), std::min(C, (g + 1) * tiles / groups * kTileLanes));
     }
 }
 
-// Reverse-mode accumulators of one tile's lanes, as arrays (see Tile).
-struct GradTile {
-    float ga[kTile], gb[kTile], pi[kTile], excess[kTile], gw[kTile], gu[kTile];
-    wkv4::Grad get(int64_t i) const { return wkv4::Grad{ga[i], gb[i], pi[i], excess[i]}; }
-    void set(int64_t i, const wkv4::Grad& g) { ga[i] = g.ga, gb[i] = g.gb, pi[i] = g.pi, excess[i] = g.excess; }
+template <class F>
+struct Forward {
+    const float *w, *u;
+    const F *k, *v;
+    const float* s0;
+    F* y;
+    float *s_out, *ckpt;  // ckpt == nullptr: inference, no checkpoints
+    int64_t B, T, C;
 };
 
-template <typename F>
-void backward_kernel(const float* __restrict__ w, const float* __restrict__ u, const F* __restrict__ k,
-                     const F* __restrict__ v, const F* __restrict__ gy, const float* __restrict__ ckpt,
-                     const float* __restrict__ s_last, const float* __restrict__ g_last, F* __restrict__ gk,
-                     F* __restrict__ gv, float* __restrict__ gw, float* __restrict__ gu, float* __restrict__ g_s0,
-                     int64_t B, int64_t T, int64_t C) {
-    constexpr int64_t L = wkv4::kCheckpointEvery;
-    const int64_t tiles = (C + kTile - 1) / kTile;
-    const int64_t n_ckpt = wkv4::num_checkpoints(T);
-    const int64_t ckpt_plane = B * n_ckpt * C;
-#pragma omp parallel for schedule(static)
-    for (int64_t job = 0; job < B * tiles; ++job) {
-        const Lanes l{job / tiles, (job % tiles) * kTile, std::min(kTile, C - (job % tiles) * kTile)};
-        GradTile g;
-        Tile before[L];  // the states before each step of the current chunk, recomputed from its checkpoint
-        for (int64_t i = 0; i < l.n; ++i) {
-            const int64_t at = l.b * C + l.c0 + i;
-            const State gl = wkv4::load_state(g_last, B * C, at);
-            g.set(i, wkv4::grad_of_final_state(wkv4::load_state(s_last, B * C, at), gl.a, gl.b, gl.p));
-            g.gw[i] = g.gu[i] = 0.f;
+struct ForwardTile {  // one tile's lanes between chunks
+    vf w[kVectors], u[kVectors];
+    VState s[kVectors];
+};
+
+// Steps t0 .. t1 of one tile (channels c0 .. c0 + n of row b). `next` is the element offset from this unit's rows
+// to the next unit's, prefetched one step at a time.
+template <bool Full, class F>
+void forward_unit(const Forward<F>& a, ForwardTile& st, int64_t b, int64_t c0, int n, int64_t t0, int64_t t1,
+                  int64_t next) {
+    const int64_t T = a.T, C = a.C, n_ckpt = wkv4::num_checkpoints(T);
+    const int nv = vectors<Full>(n);
+    if (a.ckpt)
+        for (int j = 0; j < nv; ++j)
+            store_state<Full>(a.ckpt, a.B * n_ckpt * C, (b * n_ckpt + t0 / L) * C + c0 + j * kWidth, st.s[j],
+                              lanes<Full>(n, j));
+    for (int64_t t = t0; t < t1; ++t) {
+        const int64_t row = (b * T + t) * C + c0;
+        if (next) {
+            prefetch(a.k + row + next, n);
+            prefetch(a.v + row + next, n);
+            prefetch_write(a.y + row + next, n);
         }
-        for (int64_t chunk = n_ckpt - 1; chunk >= 0; --chunk) {
-            const int64_t t0 = chunk * L, t1 = std::min(T, t0 + L);
-            Tile s;
-            s.load(ckpt, ckpt_plane, (l.b * n_ckpt + chunk) * C + l.c0, l.n);
-            for (int64_t t = t0; t < t1; ++t) {
-                const int64_t row = (l.b * T + t) * C + l.c0;
-                before[t - t0] = s;
-                for (int64_t i = 0; i < l.n; ++i) {
-                    State st = s.get(i);
-                    wkv4::advance(st, w[l.c0 + i], static_cast<float>(k[row + i]), static_cast<float>(v[row + i]));
-                    s.set(i, st);
-                }
-            }
-            for (int64_t t = t1 - 1; t >= t0; --t) {
-                const int64_t row = (l.b * T + t) * C + l.c0;
-                for (int64_t i = 0; i < l.n; ++i) {
-                    const int64_t c = l.c0 + i;
-                    wkv4::Grad gi = g.get(i);
-                    wkv4::ParamGrad pg{g.gw[i], g.gu[i]};
-                    float dk, dv;
-                    wkv4::backward_step(before[t - t0].get(i), w[c], u[c], static_cast<float>(k[row + i]),
-                                        static_cast<float>(v[row + i]), static_cast<float>(gy[row + i]), gi, pg, dk,
-                                        dv);
-                    g.set(i, gi);
-                    g.gw[i] = pg.gw, g.gu[i] = pg.gu;
-                    gk[row + i] = static_cast<F>(dk);
-                    gv[row + i] = static_cast<F>(dv);
-                }
-            }
-        }
-        for (int64_t i = 0; i < l.n; ++i) {
-            const int64_t at = l.b * C + l.c0 + i;
-            const State first = wkv4::load_state(ckpt, ckpt_plane, l.b * n_ckpt * C + l.c0 + i);
-            wkv4::store_state(g_s0, B * C, at, wkv4::grad_of_initial_state(first, g.get(i)));
-            gw[at] = g.gw[i];
-            gu[at] = g.gu[i];
+        for (int j = 0; j < nv; ++j) {
+            const int64_t at = row + j * kWidth;
+            const int m = lanes<Full>(n, j);
+            const vf y = wkv4::forward_step(st.s[j], st.w[j], st.u[j], load<Full>(a.k + at, m), load<Full>(a.v + at, m));
+            store<Full>(a.y + at, y, m);
         }
     }
+}
+
+template <class F>
+void forward_kernel(const Forward<F>& a) {
+    const int64_t T = a.T, C = a.C, BC = a.B * a.C, n_ckpt = wkv4::num_checkpoints(T);
+    for_each_group(a.B, C, [&](int64_t b, int64_t c_begin, int64_t c_end) {
+        const int64_t tiles = (c_end - c_begin + kTileLanes - 1) / kTileLanes;
+        std::vector<ForwardTile> st(tiles);
+        auto width = [&](int64_t i) { return static_cast<int>(std::min<int64_t>(kTileLanes, c_end - c_begin - i * kTileLanes)); };
+        for (int64_t i = 0; i < tiles; ++i)
+            for (int j = 0; j * kWidth < width(i); ++j) {
+                const int64_t c = c_begin + i * kTileLanes + j * kWidth;
+                const int m = std::min(kWidth, width(i) - j * kWidth);
+                st[i].w[j] = load<false>(a.w + c, m);
+                st[i].u[j] = load<false>(a.u + c, m);
+                st[i].s[j] = load_state<false>(a.s0, BC, b * C + c, m);
+            }
+        for (int64_t chunk = 0; chunk < n_ckpt; ++chunk) {
+            const int64_t t0 = chunk * L, t1 = std::min(T, t0 + L);
+            for (int64_t i = 0; i < tiles; ++i) {
+                const int64_t c0 = c_begin + i * kTileLanes;
+                // the next unit: the next tile of this chunk, else the first tile of the next chunk (none at the end)
+                const int64_t next = i + 1 < tiles ? kTileLanes : (t1 < T ? L * C - i * kTileLanes : 0);
+                if (width(i) == kTileLanes)
+                    forward_unit<true>(a, st[i], b, c0, kTileLanes, t0, t1, next);
+                else
+                    forward_unit<false>(a, st[i], b, c0, width(i), t0, t1, next);
+            }
+        }
+        for (int64_t i = 0; i < tiles; ++i)
+            for (int j = 0; j * kWidth < width(i); ++j)
+                store_state<false>(a.s_out, BC, b * C + c_begin + i * kTileLanes + j * kWidth, st[i].s[j],
+                                   std::min(kWidth, width(i) - j * kWidth));
+    });
+}
+
+template <class F>
+struct Backward {
+    const float *w, *u;
+    const F *k, *v, *gy;
+    const float *ckpt, *s_last, *g_last;
+    F *gk, *gv;
+    float *gw, *gu, *g_s0;
+    int64_t B, T, C;
+};
+
+struct BackwardTile {  // one tile's reverse-mode accumulators between chunks
+    vf w[kVectors], u[kVectors];
+    wkv4::GradT<vf> g[kVectors];
+    wkv4::ParamGradT<vf> pg[kVectors];
+};
+
+// One chunk (steps t0 .. t1) of one tile: recompute the states before each step from the chunk's checkpoint into
+// `before` (L * kVectors states, 24 KB), then backward_step from the chunk's last step to its first. The recompute
+// prefetches this unit's gy and output rows (needed by the reverse pass), the reverse pass the next unit's k and v.
+template <bool Full, class F>
+void backward_unit(const Backward<F>& a, BackwardTile& st, VState (*before)[kVectors], int64_t b, int64_t c0, int n,
+                   int64_t t0, int64_t t1, int64_t next) {
+    const int64_t T = a.T, C = a.C, n_ckpt = wkv4::num_checkpoints(T);
+    const int nv = vectors<Full>(n);
+    VState s[kVectors];
+    for (int j = 0; j < nv; ++j)
+        s[j] = load_state<Full>(a.ckpt, a.B * n_ckpt * C, (b * n_ckpt + t0 / L) * C + c0 + j * kWidth, lanes<Full>(n, j));
+    for (int64_t t = t0; t < t1; ++t) {
+        const int64_t row = (b * T + t) * C + c0;
+        prefetch(a.gy + row, n);
+        prefetch_write(a.gk + row, n);
+        prefetch_write(a.gv + row, n);
+        for (int j = 0; j < nv; ++j) {
+            const int m = lanes<Full>(n, j);
+            before[t - t0][j] = s[j];
+            wkv4::advance(s[j], st.w[j], load<Full>(a.k + row + j * kWidth, m), load<Full>(a.v + row + j * kWidth, m));
+        }
+    }
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+        const int64_t row = (b * T + t) * C + c0;
+        if (next) {
+            prefetch(a.k + row + next, n);
+            prefetch(a.v + row + next, n);
+        }
+        for (int j = 0; j < nv; ++j) {
+            const int64_t at = row + j * kWidth;
+            const int m = lanes<Full>(n, j);
+            vf dk, dv;
+            wkv4::backward_step(before[t - t0][j], st.w[j], st.u[j], load<Full>(a.k + at, m), load<Full>(a.v + at, m),
+                                load<Full>(a.gy + at, m), st.g[j], st.pg[j], dk, dv);
+            store<Full>(a.gk + at, dk, m);
+            store<Full>(a.gv + at, dv, m);
+        }
+    }
+}
+
+template <class F>
+void backward_kernel(const Backward<F>& a) {
+    const int64_t T = a.T, C = a.C, BC = a.B * a.C, n_ckpt = wkv4::num_checkpoints(T);
+    const int64_t ckpt_plane = a.B * n_ckpt * C;
+    for_each_group(a.B, C, [&](int64_t b, int64_t c_begin, int64_t c_end) {
+        const int64_t tiles = (c_end - c_begin + kTileLanes - 1) / kTileLanes;
+        std::vector<BackwardTile> st(tiles);
+        std::vector<VState> before_storage(L * kVectors);
+        auto* before = reinterpret_cast<VState(*)[kVectors]>(before_storage.data());
+        auto width = [&](int64_t i) { return static_cast<int>(std::min<int64_t>(kTileLanes, c_end - c_begin - i * kTileLanes)); };
+        for (int64_t i = 0; i < tiles; ++i)
+            for (int j = 0; j * kWidth < width(i); ++j) {
+                const int64_t c = c_begin + i * kTileLanes + j * kWidth;
+                const int m = std::min(kWidth, width(i) - j * kWidth);
+                st[i].w[j] = load<false>(a.w + c, m);
+                st[i].u[j] = load<false>(a.u + c, m);
+                const VState gl = load_state<false>(a.g_last, BC, b * C + c, m);
+                st[i].g[j] = wkv4::grad_of_final_state(load_state<false>(a.s_last, BC, b * C + c, m), gl.a, gl.b, gl.p);
+                st[i].pg[j] = wkv4::ParamGradT<vf>{vf{}, vf{}};
+            }
+        for (int64_t chunk = n_ckpt - 1; chunk >= 0; --chunk) {
+            const int64_t t0 = chunk * L, t1 = std::min(T, t0 + L);
+            for (int64_t i = 0; i < tiles; ++i) {
+                const int64_t c0 = c_begin + i * kTileLanes;
+                // the next unit: the next tile of this chunk, else the first tile of the chunk before (none at t = 0),
+                // whose rows are L rows up
+                const int64_t next = i + 1 < tiles ? kTileLanes : (chunk > 0 ? -L * C - i * kTileLanes : 0);
+                if (width(i) == kTileLanes)
+                    backward_unit<true>(a, st[i], before, b, c0, kTileLanes, t0, t1, next);
+                else
+                    backward_unit<false>(a, st[i], before, b, c0, width(i), t0, t1, next);
+            }
+        }
+        for (int64_t i = 0; i < tiles; ++i)
+            for (int j = 0; j * kWidth < width(i); ++j) {
+                const int64_t c = c_begin + i * kTileLanes + j * kWidth, at = b * C + c;
+                const int m = std::min(kWidth, width(i) - j * kWidth);
+                const VState first = load_state<false>(a.ckpt, ckpt_plane, b * n_ckpt * C + c, m);  // = s0
+                store_state<false>(a.g_s0, BC, at, wkv4::grad_of_initial_state(first, st[i].g[j]), m);
+                store<false>(a.gw + at, st[i].pg[j].gw, m);
+                store<false>(a.gu + at, st[i].pg[j].gu, m);
+            }
+    });
+}
+
+}  // namespace wkv4cpu
+
+#ifndef WKV4_NO_TORCH
+namespace {
+
+using wkv4cpu::Backward;
+using wkv4cpu::Forward;
+
+static_assert(sizeof(wkv4cpu::Bf16) == sizeof(at::BFloat16) && sizeof(wkv4cpu::Fp16) == sizeof(at::Half));
+
+// Calls fn(F{}) with F the kernel's storage type for k's dtype.
+template <class Fn>
+void dispatch(torch::ScalarType dtype, Fn fn) {
+    switch (dtype) {
+        case torch::kFloat: return fn(float{});
+        case torch::kBFloat16: return fn(wkv4cpu::Bf16{});
+        case torch::kHalf: return fn(wkv4cpu::Fp16{});
+        default: TORCH_CHECK(false, "wkv4: k/v must be float32, bfloat16 or float16, got ", dtype);
+    }
+}
+
+template <class F>
+F* ptr(const torch::Tensor& t) {
+    return reinterpret_cast<F*>(t.data_ptr());
 }
 
 // Python-facing wrappers. Shapes and dtypes are validated in rwkv_dist/ops/wkv.py before the call; the checks here only
@@ -146,10 +429,10 @@ std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tens
     auto y = torch::empty_like(v);
     auto s_out = torch::empty({3, B, C}, s0.options());
     auto ckpt = torch::empty({3, B, save_for_backward ? wkv4::num_checkpoints(T) : 0, C}, s0.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, k.scalar_type(), "wkv4_forward_cpu", [&] {
-        forward_kernel<scalar_t>(w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(),
-                                 v.data_ptr<scalar_t>(), s0.data_ptr<float>(), y.data_ptr<scalar_t>(),
-                                 s_out.data_ptr<float>(), save_for_backward ? ckpt.data_ptr<float>() : nullptr, B, T, C);
+    dispatch(k.scalar_type(), [&](auto tag) {
+        using F = decltype(tag);
+        wkv4cpu::forward_kernel(Forward<F>{ptr<float>(w), ptr<float>(u), ptr<F>(k), ptr<F>(v), ptr<float>(s0), ptr<F>(y),
+                                           ptr<float>(s_out), save_for_backward ? ptr<float>(ckpt) : nullptr, B, T, C});
     });
     return {y, s_out, ckpt};
 }
@@ -160,16 +443,19 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
     const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
     TORCH_CHECK(gy.sizes() == k.sizes() && gy.scalar_type() == k.scalar_type() && gy.is_contiguous(), "wkv4: bad gy");
     TORCH_CHECK(ckpt.numel() == 3 * B * wkv4::num_checkpoints(T) * C && ckpt.is_contiguous(), "wkv4: bad checkpoints");
-    TORCH_CHECK(s_last.numel() == 3 * B * C && g_last.numel() == 3 * B * C && g_last.is_contiguous(), "wkv4: bad state");
+    TORCH_CHECK(ckpt.scalar_type() == torch::kFloat, "wkv4: bad checkpoints");
+    TORCH_CHECK(s_last.numel() == 3 * B * C && g_last.numel() == 3 * B * C && g_last.is_contiguous() &&
+                    s_last.is_contiguous() && s_last.scalar_type() == torch::kFloat &&
+                    g_last.scalar_type() == torch::kFloat,
+                "wkv4: bad state");
     auto gk = torch::empty_like(k), gv = torch::empty_like(v);
     auto gw = torch::empty({B, C}, w.options()), gu = torch::empty({B, C}, w.options());
     auto g_s0 = torch::empty({3, B, C}, w.options());
-    AT_DISPATCH_FLOATING_TYPES_AND2(torch::kBFloat16, torch::kHalf, k.scalar_type(), "wkv4_backward_cpu", [&] {
-        backward_kernel<scalar_t>(w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr<scalar_t>(),
-                                  v.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), ckpt.data_ptr<float>(),
-                                  s_last.data_ptr<float>(), g_last.data_ptr<float>(), gk.data_ptr<scalar_t>(),
-                                  gv.data_ptr<scalar_t>(), gw.data_ptr<float>(), gu.data_ptr<float>(),
-                                  g_s0.data_ptr<float>(), B, T, C);
+    dispatch(k.scalar_type(), [&](auto tag) {
+        using F = decltype(tag);
+        wkv4cpu::backward_kernel(Backward<F>{ptr<float>(w), ptr<float>(u), ptr<F>(k), ptr<F>(v), ptr<F>(gy),
+                                             ptr<float>(ckpt), ptr<float>(s_last), ptr<float>(g_last), ptr<F>(gk),
+                                             ptr<F>(gv), ptr<float>(gw), ptr<float>(gu), ptr<float>(g_s0), B, T, C});
     });
     return {gw, gu, gk, gv, g_s0};
 }
@@ -177,8 +463,9 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.doc() = "RWKV-4 WKV forward/backward on CPU (OpenMP, fp32 math)";
+    m.doc() = "RWKV-4 WKV forward/backward on CPU (OpenMP, SIMD over channels, fp32 math)";
     m.def("forward", &forward, "WKV forward: (w, u, k, v, state[3,B,C], save_for_backward) -> (y, state, checkpoints)");
     m.def("backward", &backward, "WKV backward: (w, u, k, v, gy, checkpoints, state_T, g_state_T) -> (gw, gu, gk, gv, g_state0)");
     m.attr("checkpoint_every") = wkv4::kCheckpointEvery;
 }
+#endif

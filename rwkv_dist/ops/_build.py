@@ -21,25 +21,29 @@ def _cache_dir() -> str:
 def cpu_extension():
     """The OpenMP CPU kernel (csrc/wkv4_cpu.cpp); about 30 s to build the first time, then loaded from the cache.
 
-    -march=native and -ffast-math let g++ vectorize the lanes' exp (glibc's vector expf is declared only under
-    __FAST_MATH__); native code is why the build folder is keyed by the CPU's feature flags, so a cache shared by
-    different machines never loads code built for another CPU."""
+    The kernel is written with explicit SIMD vectors (GCC vector extensions) and its own inlined exp, so it needs no
+    -ffast-math; it must not have it: NaN/inf inputs have to propagate, which -ffinite-math-only would break.
+    -march=native picks the widest instructions the CPU has for those vectors; RWKV_DIST_WKV_CPU_MARCH overrides it
+    (e.g. x86-64-v3 for an AVX2-only build, x86-64 for plain SSE2; the tests build both). Native code is why the
+    build folder is keyed by the CPU's feature flags and the -march, so a cache shared by different machines never
+    loads code built for another CPU."""
     from torch.utils.cpp_extension import load
 
+    march = os.environ.get("RWKV_DIST_WKV_CPU_MARCH", "native")
     name = "rwkv_dist_wkv4_cpu"
     return load(
         name=name,
         sources=[str(CSRC / "wkv4_cpu.cpp")],
         extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3", "-fopenmp", "-ffast-math", "-march=native"],
+        extra_cflags=["-O3", "-fopenmp", f"-march={march}", "-fno-math-errno", "-fno-trapping-math"],
         extra_ldflags=["-fopenmp"],
-        build_directory=_build_dir(f"{name}-{_cpu_key()}"),
+        build_directory=_build_dir(f"{name}-{_cpu_key(march)}"),
         verbose=False,
     )
 
 
-def _cpu_key() -> str:
-    flags = platform.machine()
+def _cpu_key(march: str = "native") -> str:
+    flags = platform.machine() + march
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
