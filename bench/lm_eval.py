@@ -6,13 +6,19 @@ our HF export of the same weights), on the same local tasks.
 The model has the paper's initialization plus noise and the demo corpus's 2048-token tokenizer (built into
 .cache/bench/ on first use). Tasks: the test suite's local 4-choice task (tests/lm_eval_tasks, 24 questions, few-shot
 contexts) and its perplexity task (8 documents). Only the time inside the backends' request methods is counted (task
-and dataset building are the same for both); fp32; every request's log-likelihood is checked to agree.
+and dataset building are the same for both); fp32. The last column is the largest per-request difference of the two
+backends' log-likelihoods: on whole documents it is mostly the hf backend's float32 sum of ~150 fp32 log-probs
+(ours sums in float64; tests/test_lm_eval.py holds ours to 1e-4 of lm-eval's hf backend summing in float64). The
+first line is a header for bench/results/lm_eval.txt: date, CPU model and its bf16/AMX flags, torch threads, load
+average when it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +70,19 @@ def scores(results: dict, task: str) -> list[float]:
     return out
 
 
+def machine() -> str:
+    """'CPU model name (N cores; avx512_bf16 yes/no, amx yes/no)' from lscpu."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except OSError:
+        text = ""
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    name, flags = fields.get("Model name", "unknown CPU").strip(), fields.get("Flags", "").split()
+    amx = sorted(f for f in flags if f.startswith("amx"))
+    return (f"{name} ({os.cpu_count()} cores; avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}, "
+            f"amx {'yes (' + ', '.join(amx) + ')' if amx else 'no'})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-layer", type=int, default=6)
@@ -94,6 +113,8 @@ def main() -> None:
                           device=args.device)
         hf = HFLM(pretrained=f"{tmp}/hf", device=args.device, dtype="float32", batch_size=args.batch_size,
                   max_length=4096)
+        print(f"# bench/lm_eval.py, {datetime.date.today()}, {machine()}, torch threads {torch.get_num_threads()}, "
+              f"load average {os.getloadavg()[0]:.1f} at start (other work shares the CPU: read the ratio)")
         print(f"RWKV L{args.n_layer} D{args.n_embd} V{tokenizer.vocab_size}, fp32 on {args.device}, batch "
               f"{args.batch_size}, torch threads {torch.get_num_threads()}")
         print(f"{'task':<16}{'requests':>9}{'rwkv_dist req/s':>17}{'hf req/s':>10}{'ratio':>8}{'max |dll|':>11}")
