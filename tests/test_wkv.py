@@ -6,6 +6,12 @@ exponent, so it shares no code or structure with the kernels."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -240,8 +246,8 @@ def test_unknown_backend_and_float64_on_kernel_are_refused():
 
 
 def test_non_finite_inputs_propagate():
-    """The CPU kernel is built with -ffast-math (for vectorized exp); a NaN or inf coming in must still come out, so that
-    the trainer's non-finite guards see it."""
+    """A NaN or inf coming in must come out (the CPU kernel is built without -ffinite-math-only for this), so that the
+    trainer's non-finite guards see it."""
     w, u, k, v, _ = make_inputs(2, 40, 8, 1)
     for bad in (float("nan"), float("inf")):
         kk, vv = k.clone(), v.clone()
@@ -253,3 +259,59 @@ def test_non_finite_inputs_propagate():
         assert torch.isfinite(y[0, :20]).all() and torch.isfinite(y[:, :, 0]).all()
         gk = torch.autograd.grad(y.sum(), leaves[2])[0]
         assert not torch.isfinite(gk[0, :21, 5]).all() and torch.isfinite(gk[:, :, 0]).all()
+
+
+# The CPU kernel computes 64-channel tiles of 8-lane vectors and splits a row's tiles into groups when there are few
+# batch rows (fewer than twice the threads); the cases above have C < 64 (ragged tiles only). C = 150 is two whole tiles
+# and a ragged one of 22 lanes (8 + 8 + 6); with 2 threads B = 1 runs three one-tile groups per row, B = 3 two groups
+# (1 and 2 tiles), B = 5 one group of all three.
+@pytest.mark.parametrize("B", [1, 3, 5])
+def test_wide_rows_match_closed_form(B):
+    (y, ratio, logden, grads), (y_ref, ratio_ref, logden_ref, ref_grads) = run_both("cpu", B, 70, 150, 21 + B, True)
+    assert_close(y, y_ref, 2e-5, "y")
+    assert_close(ratio, ratio_ref, 5e-5, "state A/B")
+    assert_close(logden, logden_ref, 1e-5, "state log B")
+    for name, g, g_ref in zip(NAMES, grads, ref_grads):
+        assert_close(g, g_ref, 1e-4, f"d/d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_match_closed_form(dtype):
+    """bf16/fp16 k, v are read (and y, dk, dv written) in their dtype by the kernel: against the float64 definition on
+    the same rounded inputs, y is off by one rounding (<= 1 ulp relative) plus fp32 error; the gradients also see the
+    cotangent of y rounded to the dtype, hence 4 ulp of each gradient's largest magnitude. C = 75: one whole tile and
+    a ragged one."""
+    B, T, C, seed = 2, 45, 75, 17
+    w, u, k, v, state = make_inputs(B, T, C, seed, k_scale=3.0, dtype=dtype)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    leaves = [leaf(x) for x in (w, u, k, v, *state)]
+    y, s = wkv4(leaves[0], leaves[1], leaves[2], leaves[3], tuple(leaves[4:]), backend="cpu")
+    assert y.dtype == dtype
+    loss = invariant_loss(y, s.a / s.b, torch.log(s.b) + s.p, seed)
+    grads = torch.autograd.grad(loss, leaves)
+
+    ref_leaves = [leaf(x, torch.float64) for x in (w, u, k, v, *state)]
+    y_ref, ratio_ref, logden_ref = closed_form(*ref_leaves)
+    ref_grads = torch.autograd.grad(invariant_loss(y_ref, ratio_ref, logden_ref, seed), ref_leaves)
+    err = (y.double() - y_ref).abs()
+    assert (err <= ulp * y_ref.abs() + 2e-5 * y_ref.abs().max()).all(), f"y: max error {err.max().item():.3e}"
+    assert_close(s.a / s.b, ratio_ref, 5e-5, "state A/B")
+    assert_close(torch.log(s.b) + s.p, logden_ref, 1e-5, "state log B")
+    for name, g, g_ref in zip(NAMES, grads, ref_grads):
+        assert g.dtype == (dtype if name in ("k", "v") else torch.float32), name
+        assert_close(g, g_ref, 4 * ulp, f"d/d{name} ({dtype})")
+
+
+@pytest.mark.skipif(os.environ.get("RWKV_DIST_WKV_CPU_MARCH") is not None, reason="already inside a -march build")
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 -march targets")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_avx2_and_generic_builds_match_closed_form(march):
+    """The kernel is plain C++ on GCC vectors, compiled for the building CPU (-march=native, AVX-512 here). The
+    machines it targets may have only AVX2 (x86-64-v3) or nothing beyond SSE2 (x86-64): build it for those and rerun
+    the float64-reference tests of this file in a fresh interpreter (about 40 s each, mostly the build)."""
+    env = {**os.environ, "RWKV_DIST_WKV_CPU_MARCH": march}
+    tests = "(closed_form or non_finite or segments or low_precision or backends_agree) and not reference and not long_seq"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "failed" not in done.stdout, done.stdout[-2000:]
