@@ -20,6 +20,8 @@ from .config import RunConfig, load_run_config
 from .errors import RWKVDistError
 
 # environment the workers need that a remote cluster's processes would not inherit from this shell
+# set in the runtime env of a launch that started its own Ray instance (address local)
+PRIVATE_INSTANCE_ENV = "RWKV_DIST_PRIVATE_RAY"
 FORWARDED_ENV = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "TMPDIR")
 
 
@@ -87,7 +89,19 @@ def quiet_ray_logs() -> None:
 
     from ray.train.v2._internal.execution import context
 
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    quiet = ["ray.train.v2._internal.execution.controller.placement_group_cleaner"]
+    if os.environ.get(PRIVATE_INSTANCE_ENV):
+        # a private instance has no autoscaler: the controller's resource request to Ray Data's autoscaling
+        # coordinator is moot, and when the actor starts slowly (a busy 2-core laptop) it logs a traceback for it
+        quiet.append("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client")
+        # the state API (the placement-group cleaner's) finds "the" instance by scanning the machine and fails when
+        # another private instance runs there too (two runs, or the test suite, on one machine): name ours
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    for name in quiet:
+        # a filter, not a level: Ray Train's dictConfig of the `ray.train` logger resets its children's levels
+        logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.ERROR)
     logging.getLogger(context.__file__).setLevel(logging.WARNING)  # that module names its logger by its file path
 
 
@@ -148,8 +162,12 @@ def launch(plan: LaunchPlan, cfg: RunConfig) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started_here = plan.address == "local"
-    runtime_env = {"env_vars": {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
-                   "worker_process_setup_hook": "rwkv_dist.orchestrate.quiet_ray_logs"}
+    # Ray Train's print patch sends each print() of a worker to its logger (stderr) as well as to stdout, which Ray's
+    # log forwarding then shows twice; the trainer's lines are plain stdout, so the patch is off
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0", **{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}}
+    if started_here:
+        env_vars[PRIVATE_INSTANCE_ENV] = "1"
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "rwkv_dist.orchestrate.quiet_ray_logs"}
     if started_here:
         import logging
 
