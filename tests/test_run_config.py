@@ -11,6 +11,7 @@ from rwkv_dist.config import load_run_config
 from rwkv_dist.errors import ConfigError
 from rwkv_dist.model import RWKV, RWKVConfig
 from rwkv_dist.train import lr_at, param_groups
+from rwkv_dist.train.loss import L2WRAP_SCALE, lm_loss
 
 
 @pytest.fixture
@@ -86,21 +87,39 @@ def test_param_groups_multipliers_and_no_decay_on_vectors(demo):
     torch.optim.AdamW(groups, lr=opt.lr_init, betas=opt.betas, eps=opt.eps)  # the groups are valid AdamW groups
 
 
-def test_l2wrap_is_the_gradient_of_the_max_logit_penalty():
-    from rwkv_dist.train.l2wrap import L2WRAP_SCALE, l2wrap
+def _reference_loss(logits, target, divisor, positions):
+    """Independent float64 reference: autograd of the summed cross-entropy / divisor + L2Wrap's penalty
+    (scale / 2 / positions) * sum of the squared max logits."""
+    ref = logits.detach().double().requires_grad_()
+    ce = torch.nn.functional.cross_entropy(ref.flatten(0, -2), target.flatten(), reduction="sum") / divisor
+    penalty = (L2WRAP_SCALE / 2 / positions) * ref.max(-1).values.square().sum()
+    (g,) = torch.autograd.grad(0.5 * (ce + penalty), ref)  # a scaled loss, as under gradient accumulation
+    return ce.detach(), g
 
-    logits = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("segment", [False, True])
+def test_lm_loss_is_cross_entropy_whose_gradient_carries_the_max_logit_penalty(dtype, segment):
+    """The fused loss + L2Wrap against float64 autograd: its value is the cross-entropy (L2Wrap changes no value),
+    its gradient that of cross-entropy + the penalty, scaled by the incoming gradient; a segment of a window divides
+    by the window's positions (24 here) for both."""
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 11, dtype=torch.float64)).to(dtype).requires_grad_()
     target = torch.randint(0, 11, (3, 5))
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
-    wrapped = l2wrap(ce, logits) * 0.5  # a scaled loss, as under gradient accumulation
-    assert wrapped.item() == pytest.approx(0.5 * ce.item())
-    (g,) = torch.autograd.grad(wrapped, logits)
-    # independent: autograd of ce + (scale / 2 / positions) * sum(max^2), everything scaled by 0.5
-    ref_logits = logits.detach().clone().requires_grad_()
-    penalty = (L2WRAP_SCALE / 2 / 15) * ref_logits.max(-1).values.square().sum()
-    ce_ref = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), target.flatten())
-    (g_ref,) = torch.autograd.grad(0.5 * (ce_ref + penalty), ref_logits)
-    torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-15)
+    divisor = positions = 24 if segment else 15
+    loss = lm_loss(logits, target, divisor=divisor if segment else None, positions=positions if segment else None)
+    (g,) = torch.autograd.grad(loss * 0.5, logits)
+    ce, g_ref = _reference_loss(logits, target, divisor, positions)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]  # bf16: the gradient's rounding
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)  # fp32 math for bf16 logits
+    assert loss.item() == pytest.approx(ce.item(), rel=1e-6 if dtype != torch.float64 else 1e-12)
+    assert g.dtype == dtype
+    torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol * 1e-2)
+    # and without L2Wrap: the cross-entropy's gradient alone
+    plain = logits.detach().double().requires_grad_()
+    (g_plain,) = torch.autograd.grad(lm_loss(plain, target, l2wrap=False), plain)
+    (g_ce,) = torch.autograd.grad(torch.nn.functional.cross_entropy(plain.flatten(0, 1), target.flatten()), plain)
+    torch.testing.assert_close(g_plain, g_ce, rtol=1e-12, atol=1e-15)
 
 
 PAPER_RUNS = {"169m": 8, "430m": 8, "1.5b": 16, "3b": 32, "7b": 32, "14b": 64}

@@ -8,8 +8,7 @@ import torch
 
 from ..config import RunConfig
 from ..model.init import init_weights
-from ..train.l2wrap import l2wrap
-from ..train.loss import token_cross_entropy
+from ..train.loss import lm_loss
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -76,9 +75,10 @@ def with_activation_checkpointing(blocks: Iterable[torch.nn.Module]) -> None:
 
 
 def training_loss(cfg: RunConfig, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the reported loss, what to differentiate: the loss with L2Wrap's extra gradient when enabled)."""
-    loss = token_cross_entropy(logits, targets)
-    return loss, (l2wrap(loss, logits) if cfg.l2wrap else loss)
+    """(the reported loss, what to differentiate): one tensor, whose backward carries L2Wrap's extra gradient when
+    enabled (the pair keeps the signature of the strategies that compute them apart, e.g. tensor parallelism)."""
+    loss = lm_loss(logits, targets, cfg.l2wrap)
+    return loss, loss
 
 
 def initialize(model: torch.nn.Module, seed: int, edit=None, weights: dict[str, torch.Tensor] | None = None) -> None:

@@ -151,7 +151,7 @@ def vocab_parallel_layers():
 
 # -- the loss over vocabulary-parallel logits -----------------------------------------------------------------------
 class _L2WrapParallel(torch.autograd.Function):
-    """rwkv_dist.train.l2wrap over logits split along the vocabulary: the position's maximum and its first index are
+    """L2Wrap (rwkv_dist.train.loss) over logits split along the vocabulary: the position's maximum and its first index are
     found across ranks exactly as torch.max over the whole row would (ties go to the lowest vocabulary index)."""
 
     @staticmethod
@@ -162,7 +162,7 @@ class _L2WrapParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        from ..train.l2wrap import L2WRAP_SCALE
+        from ..train.loss import L2WRAP_SCALE
 
         top, index = ctx.saved_tensors
         group = ctx.group

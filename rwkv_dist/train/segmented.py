@@ -20,8 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..model import RWKV, RWKVConfig
 from ..model.rwkv import RWKVState
-from .l2wrap import l2wrap
-from .loss import token_cross_entropy
+from .loss import lm_loss
 
 
 class SegmentedRWKV(RWKV):
@@ -31,27 +30,25 @@ class SegmentedRWKV(RWKV):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, state: RWKVState | None = None,
                 return_state: bool = False):
-        """With targets: (mean next-token loss over the window, the objective with L2Wrap's gradient), segment by
-        segment. Without: the model's own forward (evaluation, generation)."""
+        """With targets: (mean next-token loss over the window, the same tensor as the objective: its backward carries
+        L2Wrap's gradient), segment by segment. Without: the model's own forward (evaluation, generation)."""
         if targets is None:
             return super().forward(tokens, state, return_state)
         positions = targets.numel()
-        loss = objective = None
+        loss = None
         for start in range(0, tokens.shape[1], self.segment_len):
             piece = slice(start, start + self.segment_len)
             inputs = () if state is None else tuple(state)
-            part_loss, part_objective, *carried = checkpoint(self._segment, tokens[:, piece], targets[:, piece],
-                                                             positions, *inputs, use_reentrant=False)
+            part_loss, *carried = checkpoint(self._segment, tokens[:, piece], targets[:, piece], positions, *inputs,
+                                             use_reentrant=False)
             state = RWKVState(*carried)
             loss = part_loss if loss is None else loss + part_loss
-            objective = part_objective if objective is None else objective + part_objective
-        return loss, objective
+        return loss, loss
 
     def _segment(self, tokens, targets, positions: int, *state):
-        """One segment from `state` (none: a fresh window): its share of the window's mean loss, the same share of the
-        objective, and the state it leaves."""
+        """One segment from `state` (none: a fresh window): its share of the window's mean loss (with L2Wrap in its
+        backward) and the state it leaves."""
         logits, new_state = super().forward(tokens, RWKVState(*state) if state else None, return_state=True)
-        part = token_cross_entropy(logits, targets, reduction="sum") / positions
         # L2Wrap's extra gradient per position is 1e-4 / (the window's positions), as in one unsegmented forward
-        objective = l2wrap(part, logits, positions) if self.use_l2wrap else part
-        return (part, objective, *new_state)
+        part = lm_loss(logits, targets, self.use_l2wrap, divisor=positions, positions=positions)
+        return (part, *new_state)
