@@ -36,6 +36,8 @@ bench: setup
 	$(PY) bench/pipeline.py
 	$(PY) bench/tensor_parallel.py
 	$(PY) bench/long_context.py
+	$(PY) bench/lm_eval.py
+	$(PY) bench/data_prep.py
 
 clean:
 	rm -rf $(VENV) $(CACHE) build *.egg-info
