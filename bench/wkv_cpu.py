@@ -3,12 +3,17 @@
     .venv/bin/python bench/wkv_cpu.py [--B 8 --T 1024 --C 512] [--repeat 3]
 
 The naive loop is rwkv_dist.ops' reference backend: the stable recurrence one time step at a time, differentiated by
-autograd (what HF transformers runs on CPU). Both use torch's default thread count. Prints medians and the ratio.
+autograd (what HF transformers runs on CPU). Both use torch's default thread count. Prints medians and the ratio, the
+kernel with bf16 k/v (read and written as bf16, fp32 math), and what the numbers depend on: the CPU's SIMD flags,
+torch's kernel capability (ATEN_CPU_CAPABILITY, which the loop runs on) and the -march the kernel was built for
+(RWKV_DIST_WKV_CPU_MARCH, default native; x86-64-v3 gives the AVX2-only picture on a newer CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import sys
 import time
@@ -28,6 +33,21 @@ def timed(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def cpu_summary() -> str:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}; flags {' '.join(simd) or '-'}"
 
 
 def main() -> None:
@@ -56,10 +76,26 @@ def main() -> None:
         repeat = args.repeat if backend == "cpu" else 1
         results[backend] = (timed(forward, repeat), timed(forward_backward, repeat))
 
+    low = [x.detach().to(torch.bfloat16).requires_grad_() if x.dim() == 3 else x for x in leaves]
+    gy_low = gy.to(torch.bfloat16)
+
+    def forward_bf16():
+        with torch.no_grad():
+            wkv4(*low, backend="cpu")
+
+    def forward_backward_bf16():
+        y, _ = wkv4(*low, backend="cpu")
+        torch.autograd.grad(y, low, gy_low)
+
+    results["bf16"] = (timed(forward_bf16, args.repeat), timed(forward_backward_bf16, args.repeat))
+
     elements = args.B * args.T * args.C
     print(f"WKV fp32 B={args.B} T={args.T} C={args.C} ({elements / 1e6:.1f}M elements), {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_summary()}; torch capability {torch.backends.cpu.get_cpu_capability()}; "
+          f"kernel -march={os.environ.get('RWKV_DIST_WKV_CPU_MARCH', 'native')}")
     print(f"{'':28s}{'forward':>12s}{'fwd+bwd':>12s}")
-    for name, label in (("cpu", "OpenMP kernel (rwkv_dist)"), ("reference", "naive per-step loop")):
+    for name, label in (("cpu", "OpenMP kernel (rwkv_dist)"), ("reference", "naive per-step loop"),
+                        ("bf16", "OpenMP kernel, bf16 k/v")):
         fwd, both = results[name]
         print(f"{label:28s}{fwd * 1e3:10.1f}ms{both * 1e3:10.1f}ms")
     (fk, bk), (fn, bn) = results["cpu"], results["reference"]
