@@ -372,8 +372,8 @@ def _ray_get(ref):
 
 def run_tasks(fn, calls: list[tuple], workers: int, progress: Progress, board: ProgressFiles) -> list:
     """fn(*call, board) for every call as Ray tasks, at most `workers` at once, in order of submission; results in
-    order. A task's first argument is its progress key. The first failure cancels the rest (finished tasks keep their
-    records for a rerun)."""
+    order. A task's first argument is its progress key. The first failure stops submitting (the tasks in flight end,
+    and finished tasks keep their records for a rerun)."""
     import ray
 
     remote = ray.remote(num_cpus=1)(fn)
@@ -400,8 +400,11 @@ def run_tasks(fn, calls: list[tuple], workers: int, progress: Progress, board: P
             progress.update(counts())
             progress.tick()
     finally:
-        for ref in pending:
-            ray.cancel(ref, force=True)
+        # the tasks in flight (at most `workers`) run to their end rather than being cancelled: ray.cancel racing a
+        # task's completion trips a RAY_CHECK in this Ray ("Tried to complete task that was not pending") that kills
+        # the driver; what they finish is kept for a rerun like any finished task
+        if pending:
+            ray.wait(list(pending), num_returns=len(pending))
     progress.update(counts())
     progress.tick(final=True)
     return results
