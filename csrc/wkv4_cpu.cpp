@@ -192,10 +192,30 @@ WKV_INLINE int vectors(int n) {
     return Full ? kVectors : (n + kWidth - 1) / kWidth;
 }
 
+// A group of channels [c_begin, c_end) is cut into tiles of kTileLanes lanes (the last one may be narrower).
+WKV_INLINE int64_t num_tiles(int64_t c_begin, int64_t c_end) {
+    return (c_end - c_begin + kTileLanes - 1) / kTileLanes;
+}
+
+WKV_INLINE int tile_width(int64_t c_begin, int64_t c_end, int64_t i) {
+    return static_cast<int>(std::min<int64_t>(kTileLanes, c_end - c_begin - i * kTileLanes));
+}
+
+// fn(i, j, c, m) for vector j of tile i of the group, c its first channel and m <= kWidth its lanes: where a job
+// loads its tiles' parameters and states, and stores its results.
+template <class Fn>
+void for_each_vector(int64_t c_begin, int64_t c_end, Fn fn) {
+    for (int64_t i = 0; i < num_tiles(c_begin, c_end); ++i) {
+        const int width = tile_width(c_begin, c_end, i);
+        for (int j = 0; j * kWidth < width; ++j)
+            fn(i, j, c_begin + i * kTileLanes + j * kWidth, std::min(kWidth, width - j * kWidth));
+    }
+}
+
 // The jobs: B rows x `groups` groups of tiles per row. run(b, c_begin, c_end) for each, OpenMP-parallel.
 template <class Run>
 void for_each_group(int64_t B, int64_t C, Run run) {
-    const int64_t tiles = (C + kTileLanes - 1) / kTileLanes;
+    const int64_t tiles = num_tiles(0, C);
 #ifdef _OPENMP
     const int64_t threads = omp_get_max_threads();
 #else
@@ -255,17 +275,14 @@ template <class F>
 void forward_kernel(const Forward<F>& a) {
     const int64_t T = a.T, C = a.C, BC = a.B * a.C, n_ckpt = wkv4::num_checkpoints(T);
     for_each_group(a.B, C, [&](int64_t b, int64_t c_begin, int64_t c_end) {
-        const int64_t tiles = (c_end - c_begin + kTileLanes - 1) / kTileLanes;
+        const int64_t tiles = num_tiles(c_begin, c_end);
         std::vector<ForwardTile> st(tiles);
-        auto width = [&](int64_t i) { return static_cast<int>(std::min<int64_t>(kTileLanes, c_end - c_begin - i * kTileLanes)); };
-        for (int64_t i = 0; i < tiles; ++i)
-            for (int j = 0; j * kWidth < width(i); ++j) {
-                const int64_t c = c_begin + i * kTileLanes + j * kWidth;
-                const int m = std::min(kWidth, width(i) - j * kWidth);
-                st[i].w[j] = load<false>(a.w + c, m);
-                st[i].u[j] = load<false>(a.u + c, m);
-                st[i].s[j] = load_state<false>(a.s0, BC, b * C + c, m);
-            }
+        auto width = [&](int64_t i) { return tile_width(c_begin, c_end, i); };
+        for_each_vector(c_begin, c_end, [&](int64_t i, int j, int64_t c, int m) {
+            st[i].w[j] = load<false>(a.w + c, m);
+            st[i].u[j] = load<false>(a.u + c, m);
+            st[i].s[j] = load_state<false>(a.s0, BC, b * C + c, m);
+        });
         for (int64_t chunk = 0; chunk < n_ckpt; ++chunk) {
             const int64_t t0 = chunk * L, t1 = std::min(T, t0 + L);
             for (int64_t i = 0; i < tiles; ++i) {
@@ -278,10 +295,9 @@ void forward_kernel(const Forward<F>& a) {
                     forward_unit<false>(a, st[i], b, c0, width(i), t0, t1, next);
             }
         }
-        for (int64_t i = 0; i < tiles; ++i)
-            for (int j = 0; j * kWidth < width(i); ++j)
-                store_state<false>(a.s_out, BC, b * C + c_begin + i * kTileLanes + j * kWidth, st[i].s[j],
-                                   std::min(kWidth, width(i) - j * kWidth));
+        for_each_vector(c_begin, c_end, [&](int64_t i, int j, int64_t c, int m) {
+            store_state<false>(a.s_out, BC, b * C + c, st[i].s[j], m);
+        });
     });
 }
 
@@ -346,21 +362,18 @@ void backward_kernel(const Backward<F>& a) {
     const int64_t T = a.T, C = a.C, BC = a.B * a.C, n_ckpt = wkv4::num_checkpoints(T);
     const int64_t ckpt_plane = a.B * n_ckpt * C;
     for_each_group(a.B, C, [&](int64_t b, int64_t c_begin, int64_t c_end) {
-        const int64_t tiles = (c_end - c_begin + kTileLanes - 1) / kTileLanes;
+        const int64_t tiles = num_tiles(c_begin, c_end);
         std::vector<BackwardTile> st(tiles);
         std::vector<VState> before_storage(L * kVectors);
         auto* before = reinterpret_cast<VState(*)[kVectors]>(before_storage.data());
-        auto width = [&](int64_t i) { return static_cast<int>(std::min<int64_t>(kTileLanes, c_end - c_begin - i * kTileLanes)); };
-        for (int64_t i = 0; i < tiles; ++i)
-            for (int j = 0; j * kWidth < width(i); ++j) {
-                const int64_t c = c_begin + i * kTileLanes + j * kWidth;
-                const int m = std::min(kWidth, width(i) - j * kWidth);
-                st[i].w[j] = load<false>(a.w + c, m);
-                st[i].u[j] = load<false>(a.u + c, m);
-                const VState gl = load_state<false>(a.g_last, BC, b * C + c, m);
-                st[i].g[j] = wkv4::grad_of_final_state(load_state<false>(a.s_last, BC, b * C + c, m), gl.a, gl.b, gl.p);
-                st[i].pg[j] = wkv4::ParamGradT<vf>{vf{}, vf{}};
-            }
+        auto width = [&](int64_t i) { return tile_width(c_begin, c_end, i); };
+        for_each_vector(c_begin, c_end, [&](int64_t i, int j, int64_t c, int m) {
+            st[i].w[j] = load<false>(a.w + c, m);
+            st[i].u[j] = load<false>(a.u + c, m);
+            const VState gl = load_state<false>(a.g_last, BC, b * C + c, m);
+            st[i].g[j] = wkv4::grad_of_final_state(load_state<false>(a.s_last, BC, b * C + c, m), gl.a, gl.b, gl.p);
+            st[i].pg[j] = wkv4::ParamGradT<vf>{vf{}, vf{}};
+        });
         for (int64_t chunk = n_ckpt - 1; chunk >= 0; --chunk) {
             const int64_t t0 = chunk * L, t1 = std::min(T, t0 + L);
             for (int64_t i = 0; i < tiles; ++i) {
@@ -374,15 +387,13 @@ void backward_kernel(const Backward<F>& a) {
                     backward_unit<false>(a, st[i], before, b, c0, width(i), t0, t1, next);
             }
         }
-        for (int64_t i = 0; i < tiles; ++i)
-            for (int j = 0; j * kWidth < width(i); ++j) {
-                const int64_t c = c_begin + i * kTileLanes + j * kWidth, at = b * C + c;
-                const int m = std::min(kWidth, width(i) - j * kWidth);
-                const VState first = load_state<false>(a.ckpt, ckpt_plane, b * n_ckpt * C + c, m);  // = s0
-                store_state<false>(a.g_s0, BC, at, wkv4::grad_of_initial_state(first, st[i].g[j]), m);
-                store<false>(a.gw + at, st[i].pg[j].gw, m);
-                store<false>(a.gu + at, st[i].pg[j].gu, m);
-            }
+        for_each_vector(c_begin, c_end, [&](int64_t i, int j, int64_t c, int m) {
+            const int64_t at = b * C + c;
+            const VState first = load_state<false>(a.ckpt, ckpt_plane, b * n_ckpt * C + c, m);  // = s0
+            store_state<false>(a.g_s0, BC, at, wkv4::grad_of_initial_state(first, st[i].g[j]), m);
+            store<false>(a.gw + at, st[i].pg[j].gw, m);
+            store<false>(a.gu + at, st[i].pg[j].gu, m);
+        });
     });
 }
 
