@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rwkv_dist.model import RWKV, RWKVConfig
@@ -100,6 +101,34 @@ def assert_same_training(got: dict[str, torch.Tensor], ref: dict[str, torch.Tens
             continue
         close = torch.isclose(got[name], ref[name], rtol=1e-4, atol=1e-5)
         assert close.float().mean() > min_close, (name, close.float().mean())
+
+
+def assert_trains_like(run: Path, reference: Path, clipping: bool = True) -> None:
+    """A parallel layout's 6 steps against the 1-process run on the same global batches: every step's loss and
+    gradient norm to 1e-5 relative, the loss falling, and the weights (assert_same_training). clipping: the reference
+    clipped (grad_clip 1.0) at some step, so the clipping norm spanned every rank of the layout."""
+    ref, got = losses(reference), losses(run)
+    assert sorted(got) == list(range(1, 7)) and ref[6] < ref[1] - 0.5
+    assert got == pytest.approx(ref, rel=1e-5, abs=0)
+    norms = [r["grad_norm"] for r in records(reference)]
+    if clipping:
+        assert max(norms) > 1.0
+    assert [r["grad_norm"] for r in records(run)] == pytest.approx(norms, rel=1e-5)
+    assert_same_training(weights(run), weights(reference))
+
+
+def assert_redone_steps_are_bitwise(run: Path) -> None:
+    """A run killed and resumed: every step computed again has bitwise the loss and gradient norm of its first
+    computation (weights, optimizer state and data position were all restored), and all 6 steps were done."""
+    first: dict[int, tuple] = {}
+    again = 0
+    for r in raw_records(run):
+        seen = (r["loss"], r["grad_norm"])
+        if r["step"] in first:
+            assert seen == first[r["step"]], (r["step"], seen, first[r["step"]])
+            again += 1
+        first[r["step"]] = seen
+    assert again >= 1 and sorted(first) == list(range(1, 7))
 
 
 def kill_all_at_step(proc: subprocess.Popen, run_dir: Path, step: int) -> int:

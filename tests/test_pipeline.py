@@ -15,7 +15,7 @@ import torch
 
 from rwkv_dist.model.state_dict import load_rwkv
 
-from helpers import (LAUNCHER_CLOSE, LAUNCHER_REL, TRAIN_WORKER, assert_same_training, assert_train_refuses,
+from helpers import (LAUNCHER_CLOSE, LAUNCHER_REL, TRAIN_WORKER, assert_same_training, assert_trains_like, assert_train_refuses,
                      kill_all_at_step, launch, losses, raw_records, records, run_cli, weights)
 
 # a 4-block model (so 4 stages fit), 8 sequences per step as 4 micro-batches of 2 per data-parallel rank and step
@@ -54,13 +54,7 @@ def pipeline_runs(data, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("layout", ["p2", "p2d2", "p4"])
 def test_every_pipeline_layout_trains_exactly_what_one_process_trains(pipeline_runs, layout):
-    ref, got = losses(pipeline_runs["one"]), losses(pipeline_runs[layout])
-    assert sorted(got) == list(range(1, 7)) and ref[6] < ref[1] - 0.5
-    assert got == pytest.approx(ref, rel=1e-5, abs=0)
-    norms = [r["grad_norm"] for r in records(pipeline_runs["one"])]
-    assert max(norms) > 1.0  # clipping (grad_clip 1.0) was active: the clipping norm spans all stages
-    assert [r["grad_norm"] for r in records(pipeline_runs[layout])] == pytest.approx(norms, rel=1e-5)
-    assert_same_training(weights(pipeline_runs[layout]), weights(pipeline_runs["one"]))
+    assert_trains_like(pipeline_runs[layout], pipeline_runs["one"])  # with clipping: its norm spans all stages
 
 
 def test_bf16_pipeline_follows_the_bf16_single_process_run(pipeline_runs):
