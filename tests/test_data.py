@@ -10,6 +10,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import run_cli
@@ -335,3 +336,190 @@ def test_validation_pass_covers_the_val_split_once(tmp_path, tokenizer):
     assert rows and len(rows) * 8 <= val_tokens < (len(rows) + 2 * 2) * 8  # all but the last partial window per rank
     again = [x for x, _ in validation_batches(location, ctx_len=8, batch_size=1)]
     assert len(again) >= len(rows) - 1 and torch.equal(again[0], validation_batches(location, 8, 1).__next__()[0])
+
+
+# ---- the fast read path: plain-tar reader, once-per-process sha256, packing ----
+
+def webdataset_samples(data: bytes) -> list[dict]:
+    import io
+
+    from webdataset import tariterators
+
+    files = ({**f, "__url__": "u"} for f in tariterators.tar_file_iterator(io.BytesIO(data)))
+    return [{k: v for k, v in s.items() if k != "__url__"} for s in tariterators.group_by_keys(files)]
+
+
+def tar_bytes(members: list[tuple[str, bytes | None]], fmt, compress: str = "") -> bytes:
+    """A tar made by tarfile itself (name, data; data None: a directory)."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compress}", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size, info.mtime = len(data), 1.5
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_plain_tar_reader_reads_what_webdataset_reads(dataset):
+    """Our shards take the fast path and read exactly as webdataset reads them; any other tar (other formats, long
+    names, directories, metadata files, compression, duplicates, bad checksums, truncation) is left to webdataset."""
+    import tarfile
+
+    from rwkv_dist.data.shards import _plain_tar_samples
+
+    _, location = dataset
+    for path in sorted(Path(location).glob("*.tar")):
+        data = path.read_bytes()
+        fast = _plain_tar_samples(data)
+        assert fast is not None, path
+        assert [{k: (v if k == "__key__" else bytes(v)) for k, v in s.items()} for s in fast] == webdataset_samples(data)
+    plain = [("000001.tokens.u16", b"\x01\x00\x02\x00"), ("000001.txt", b"hi"), ("000002.tokens.u16", b"")]
+    pax_ok = tar_bytes(plain + [("d" * 120 + ".tokens.u16", b"\x05\x00")], tarfile.PAX_FORMAT)  # a pax path record
+    assert _plain_tar_samples(pax_ok) is not None
+    assert [s["__key__"] for s in _plain_tar_samples(pax_ok)] == ["000001", "000002", "d" * 120]
+    left_to_webdataset = {
+        "gnu": tar_bytes(plain, tarfile.GNU_FORMAT),
+        "directory": tar_bytes([("sub", None)] + plain, tarfile.PAX_FORMAT),
+        "gzip": tar_bytes(plain, tarfile.PAX_FORMAT, "gz"),
+        "duplicate": tar_bytes(plain + [("000002.tokens.u16", b"\x03\x00")], tarfile.USTAR_FORMAT),
+        "truncated": pax_ok[:1500],
+        "bad checksum": pax_ok[:2048] + bytes([pax_ok[2048] ^ 1]) + pax_ok[2049:],
+        "empty": b"",
+    }
+    for why, data in left_to_webdataset.items():
+        assert _plain_tar_samples(data) is None, why
+    meta = tar_bytes([("__meta__", b"x"), ("noext", b"y")] + plain, tarfile.USTAR_FORMAT)  # skipped as webdataset does
+    assert [{k: (v if k == "__key__" else bytes(v)) for k, v in s.items()} for s in _plain_tar_samples(meta)] \
+        == webdataset_samples(meta)
+
+
+def swap_tokens(path: Path) -> None:
+    """Swap two different tokens of the first document, keeping the file's size and mtime: the tar, the token ids and
+    the counts all stay valid, so only the sha256 can tell."""
+    stat, data = path.stat(), bytearray(path.read_bytes())
+    first = 1536  # our shards: pax header + its records, the member's header, then its tokens
+    i = next(i for i in range(first + 2, first + 64, 2) if data[i : i + 2] != data[first : first + 2])
+    data[first : first + 2], data[i : i + 2] = data[i : i + 2], data[first : first + 2]
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def shard_cache(monkeypatch, settle_ns: int):
+    from rwkv_dist.data import shards
+
+    cache = shards.ShardCache(settle_ns=settle_ns)
+    monkeypatch.setattr(shards, "SHARD_CACHE", cache)
+    return cache
+
+
+def test_each_shard_is_hashed_once_per_process_until_it_changes(tmp_path, tokenizer, monkeypatch):
+    from rwkv_dist.data.shards import ShardDamaged, read_shard
+
+    cache = shard_cache(monkeypatch, settle_ns=-(1 << 62))  # every file counts as settled, however fresh
+    _, location = build(tmp_path, 21, tokenizer)
+    manifest = load_manifest(location)
+    entries = manifest.splits["train"]
+    loader = TokenLoader(location, ctx_len=8, batch_size=4)
+    batches(loader, 300)
+    assert max(loader.epochs.values()) >= 2 and cache.hashes == len(entries), "three epochs, one hash per shard"
+
+    victim, entry = Path(location) / entries[1].file, entries[1]
+    good = victim.read_bytes()
+    docs = read_shard(location, manifest, entry)
+    assert cache.hashes == len(entries)
+    verify(location)
+    assert cache.hashes == 2 * len(entries), "verify always hashes"
+
+    victim.write_bytes(good + bytes(512))  # size changed (a valid tar still: zero blocks at the end)
+    with pytest.raises(ShardDamaged, match="sha256"):
+        read_shard(location, manifest, entry)
+    victim.write_bytes(good)
+    stat = victim.stat()
+    swap_tokens(victim)  # same size, and the mtime moved on
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    with pytest.raises(ShardDamaged, match="sha256"):
+        read_shard(location, manifest, entry)
+    replacement = victim.with_suffix(".new")  # same bytes, same times, another file renamed over it: hashed again
+    replacement.write_bytes(good)
+    os.utime(replacement, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    replacement.replace(victim)
+    before = cache.hashes
+    assert all((a == b).all() for a, b in zip(read_shard(location, manifest, entry), docs))
+    assert cache.hashes == before + 1
+
+    # through the loader: a shard changed after it was verified is refused, and skipped
+    swap_tokens(victim)
+    os.utime(victim, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
+    with pytest.warns(UserWarning, match="skipping damaged shard"):
+        batches(TokenLoader(location, ctx_len=8, batch_size=4), 100)
+
+
+def test_a_fresh_shard_is_hashed_on_every_read(tmp_path, tokenizer, monkeypatch):
+    """Under the default settle time a just-written file is never remembered: a same-size rewrite within one tick of
+    the file system's clock (same mtime and ctime) is still caught."""
+    from rwkv_dist.data.shards import ShardDamaged, read_shard
+
+    cache = shard_cache(monkeypatch, settle_ns=3600 * 10**9)
+    _, location = build(tmp_path, 22, tokenizer)
+    manifest = load_manifest(location)
+    entry = manifest.splits["train"][0]
+    victim = Path(location) / entry.file
+    read_shard(location, manifest, entry)
+    read_shard(location, manifest, entry)
+    assert cache.hashes == 2
+    swap_tokens(victim)  # same size, mtime restored: likely the same ctime too, within a tick
+    with pytest.raises(ShardDamaged, match="sha256"):
+        read_shard(location, manifest, entry)
+
+
+def test_windows_are_the_documented_stream(dataset):
+    """The loader's windows, against the module docstring built independently (webdataset's reader, lists): shards
+    in the epoch's shuffled order, each shard's documents shuffled, each followed by eod, cut every ctx_len tokens."""
+    import webdataset as wds
+
+    from rwkv_dist.data.stream import _seed_words
+
+    _, location = dataset
+    manifest = load_manifest(location)
+    entries = manifest.splits["train"]
+    eod, ctx, seed = manifest.tokenizer.eod_id, 7, 4
+    loader = TokenLoader(location, ctx_len=ctx, batch_size=3, seed=seed)
+    key = loader.sources[0].key
+    stream: list[int] = []
+    for epoch in range(3):
+        order = np.random.default_rng(_seed_words(seed, epoch, key, "train")).permutation(len(entries))
+        for shard in order:
+            samples = list(wds.WebDataset(f"{location}/{entries[shard].file}", shardshuffle=False, empty_check=False))
+            docs = [np.frombuffer(s["tokens.u16"], dtype="<u2").tolist() for s in samples]
+            perm = np.random.default_rng(_seed_words(seed, epoch, key, entries[shard].file)).permutation(len(docs))
+            for i in perm:
+                stream += docs[i] + [eod]
+    got = batches(loader, (len(stream) - 1) // ctx // 3 - 1)
+    want = torch.tensor([stream[k * ctx : (k + 1) * ctx + 1] for k in range(3 * len(got))]).view(len(got), 3, ctx + 1)
+    assert torch.equal(torch.stack([b.inputs for b in got]), want[:, :, :-1])
+    assert torch.equal(torch.stack([b.targets for b in got]), want[:, :, 1:])
+
+
+def test_validation_windows_are_the_documented_stream(tmp_path, tokenizer):
+    from rwkv_dist.data import validation_batches
+    from rwkv_dist.data.shards import read_shard
+
+    _, location = build(tmp_path, 23, tokenizer, n_docs=80, val_fraction=0.3)
+    manifest = load_manifest(location)
+    eod = manifest.tokenizer.eod_id
+    for ctx, bs, rank, world in ((8, 1, 0, 1), (5, 3, 1, 2), (1, 2, 0, 2)):
+        stream = [t for e in manifest.splits["val"][rank::world] for d in read_shard(location, manifest, e)
+                  for t in [*d.tolist(), eod]]
+        rows = [stream[k * ctx : (k + 1) * ctx + 1] for k in range((len(stream) - 1) // ctx)]
+        rows = rows[: len(rows) // bs * bs]
+        got = [w for x, y in validation_batches(location, ctx, bs, rank, world) for w in (x, y)]
+        want = torch.tensor(rows).view(-1, bs, ctx + 1)
+        assert torch.equal(torch.stack(got[0::2]), want[:, :, :-1]) and torch.equal(torch.stack(got[1::2]), want[:, :, 1:])
+    assert len(list(validation_batches(location, 4, 1, max_batches=3))) == 3

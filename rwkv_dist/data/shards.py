@@ -3,7 +3,9 @@
 One sample per document: key `{index:012d}`, field `tokens.u16` (or `tokens.u32` when the vocabulary exceeds 65535)
 holding the token ids as raw little-endian integers (no pickle anywhere). The manifest lists every shard with its
 sample count, token count and sha256, the tokenizer's hash and the split; webdataset alone silently drops samples
-of a damaged tar, so readers check shards against the manifest before using them.
+of a damaged tar, so readers check shards against the manifest before using them. A reader hashes a local shard once
+per process (ShardCache: again whenever the file changes) and unpacks the plain tars our writers make without tarfile,
+the token ids being zero-copy views into the shard's bytes.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
+from urllib.parse import urlparse
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -272,17 +278,207 @@ class ShardDamaged(DataError):
     """A shard that does not match its manifest entry."""
 
 
-def decode_shard(data: bytes, entry: ShardEntry, dtype: str, vocab_size: int, url: str) -> list[np.ndarray]:
-    """The documents of one shard's bytes, in key order, after checking them against the manifest entry."""
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != entry.sha256:
-        raise ShardDamaged(f"{url}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")
+_COMPRESSED = (b"\x1f\x8b\x08", b"BZh", b"\x5d\x00\x00\x80", b"\xfd7zXZ")  # what tarfile's "r|*" would unpack
+_ZERO_BLOCK = bytes(512)
+_PAX_IGNORED = frozenset({b"mtime", b"atime", b"ctime", b"uid", b"gid", b"uname", b"gname"})
+_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset.tariterators' defaults, which decode_shard's fallback uses
+_BASE_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+_RESERVED = frozenset({"__key__", "__url__", "__local_path__", "__bad__"})
+
+
+def _octal(field: bytes) -> int | None:
+    if field[:1] in (b"\x80", b"\xff"):  # base-256 numbers: left to tarfile
+        return None
+    digits = field.split(b"\0", 1)[0].strip()
+    if digits.strip(b"01234567"):
+        return None
+    return int(digits or b"0", 8)
+
+
+def _pax_records(records: bytes) -> tuple[str | None, int | None] | None:
+    """(path, size) from the records of a pax header, None unless every record is a well-formed one we know."""
+    pos, path, size = 0, None, None
+    while pos < len(records):
+        space = records.find(b" ", pos)
+        if space <= pos or not records[pos:space].isdigit():
+            return None
+        end = pos + int(records[pos:space])
+        if end > len(records) or end <= space + 1 or records[end - 1] != 0x0A:
+            return None
+        keyword, eq, value = records[space + 1 : end - 1].partition(b"=")
+        if not eq:
+            return None
+        if keyword == b"path":
+            if not value.isascii():
+                return None
+            path = value.decode("ascii")
+        elif keyword == b"size":
+            if not value.isdigit():
+                return None
+            size = int(value)
+        elif keyword not in _PAX_IGNORED:
+            return None
+        pos = end
+    return path, size
+
+
+def _plain_tar_samples(data: bytes) -> list[dict] | None:
+    """The samples webdataset reads from `data` (tarfile "r|*", tar_file_iterator, group_by_keys), each field a
+    zero-copy memoryview into `data`, without tarfile's per-member Python work; None for anything but the plain layout
+    our writers make (ustar regular files, each optionally after a pax header of simple records; a clean end). The
+    caller then hands `data` to webdataset itself, so damaged, compressed or unusual tars get exactly its treatment."""
+    view, n = memoryview(data), len(data)
+    if n == 0 or data[:6].startswith(_COMPRESSED):
+        return None
+    samples: list[dict] = []
+    current: dict | None = None
+    off, pax = 0, None  # pax: (path, size) of the pax header before the next member
+    headers, chksums = [], []  # checked together at the end: a bad one anywhere hands the whole tar to webdataset
+    while off < n:
+        if off + 512 > n:
+            return None
+        header = data[off : off + 512]
+        if header == _ZERO_BLOCK:
+            if pax is not None:
+                return None
+            break
+        chksum = _octal(header[148:156])
+        if chksum is None:
+            return None
+        headers.append(off // 512)
+        chksums.append(chksum)
+        if header[257:265] != b"ustar\x0000" or header[345] != 0:  # POSIX ustar, no name prefix
+            return None
+        kind, size = header[156], _octal(header[124:136])
+        if size is None:
+            return None
+        start = off + 512
+        if kind == 0x78:  # "x": a pax header for the next member
+            if pax is not None or start + size > n:
+                return None
+            pax = _pax_records(data[start : start + size])
+            if pax is None:
+                return None
+            off = start + (size + 511) // 512 * 512
+            continue
+        if kind not in (0x30, 0x00):  # "0" or "\0": only regular files
+            return None
+        name = header[:100].split(b"\0", 1)[0]
+        if not name.isascii():
+            return None
+        name = name.decode("ascii")
+        if pax is not None:
+            name, size = pax[0] if pax[0] is not None else name, pax[1] if pax[1] is not None else size
+            pax = None
+        if start + size > n or name.endswith("/"):
+            return None
+        off = start + (size + 511) // 512 * 512
+        if ("/" not in name and name.startswith("__") and name.endswith("__")) or _SKIP_META.match(name):
+            continue
+        match = _BASE_EXT.match(name)
+        if not match:
+            continue
+        prefix, suffix = match.group(1), match.group(2).lower()
+        if current is None or prefix != current["__key__"]:
+            current = {"__key__": prefix}
+            samples.append(current)
+        if suffix in current or suffix in _RESERVED:
+            return None  # webdataset raises on a duplicate
+        current[suffix] = view[start : start + size]
+    if headers:  # tarfile's unsigned checksum: the header's bytes, its checksum field counted as 8 spaces
+        blocks = np.frombuffer(data, dtype=np.uint8, count=n // 512 * 512).reshape(-1, 512)[headers]
+        sums = blocks.sum(axis=1, dtype=np.int64) - blocks[:, 148:156].sum(axis=1, dtype=np.int64) + 8 * 32
+        if not np.array_equal(sums, np.array(chksums, dtype=np.int64)):
+            return None
+    return samples
+
+
+class ShardCache:
+    """The local shard files this process has matched with a manifest sha256, so that each is hashed once per process
+    rather than once per epoch. An entry holds the file's (device, inode, size, mtime_ns, ctime_ns), the same before
+    and after reading it from the open file, and the sha256 it matched. Writing to a file, renaming another onto its
+    path or touching it changes one of these (ctime is set by the kernel, no program can set it back), so the file is
+    hashed again. Racy git's caveat: two writes within one tick of the file system's clock can leave the same times,
+    so a file is remembered only once its ctime is `settle_ns` older than the start of the read; until then (a file
+    just written) it is hashed on every read."""
+
+    def __init__(self, settle_ns: int = 2_000_000_000):
+        self.settle_ns = settle_ns
+        self._verified: dict[str, tuple] = {}
+        self.hashes = 0  # reads that had to compute the sha256
+
+    def clear(self) -> None:
+        self._verified.clear()
+
+    def read(self, path: str) -> tuple[bytes, tuple | None]:
+        """The file's bytes, and its identity if it was stable during the read and settled (else None)."""
+        began = time.time_ns()
+        with open(path, "rb") as f:
+            before = _identity(os.fstat(f.fileno()))
+            data = f.read()
+            after = _identity(os.fstat(f.fileno()))
+        settled = before == after and after[4] < began - self.settle_ns and len(data) == after[2]
+        return data, (os.path.abspath(path), *after) if settled else None
+
+    def known(self, identity: tuple | None, sha256: str) -> bool:
+        return identity is not None and self._verified.get(identity[0]) == (*identity[1:], sha256)
+
+    def remember(self, identity: tuple | None, sha256: str) -> None:
+        if identity is not None:
+            self._verified[identity[0]] = (*identity[1:], sha256)
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+SHARD_CACHE = ShardCache()
+
+
+def _local_path(url: str) -> str | None:
+    """The file a shard URL names when webdataset's gopen would simply open() it, else None."""
+    if url == "-" or os.environ.get("GOPEN_REWRITE") or urlparse(url).scheme:
+        return None
+    if getattr(_wds().utils, "enforce_security", False):  # gopen refuses local files then: let it say so
+        return None
+    return url
+
+
+def read_shard(location: str, manifest: Manifest, entry: ShardEntry, trust_cache: bool = True) -> list[np.ndarray]:
+    """The documents of one shard (views into its bytes), checked against the manifest. A local file this process has
+    already matched with entry.sha256 and that has not changed since (SHARD_CACHE) is not hashed again, unless
+    trust_cache is False."""
+    url = shard_url(location, entry.file)
+    path = _local_path(url)
     try:
-        tariterators = _wds().tariterators
-        files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(io.BytesIO(data)))
-        samples = list(tariterators.group_by_keys(files))
-    except Exception as e:  # noqa: BLE001 - tarfile raises several types on garbage
-        raise ShardDamaged(f"{url}: unreadable tar ({type(e).__name__}: {e})") from None
+        data, identity = SHARD_CACHE.read(path) if path is not None else (read_bytes(url), None)
+    except Exception as e:  # noqa: BLE001
+        raise ShardDamaged(f"{url}: cannot read ({type(e).__name__}: {e})") from None
+    verified = trust_cache and SHARD_CACHE.known(identity, entry.sha256)
+    if not verified:
+        SHARD_CACHE.hashes += 1
+    docs = decode_shard(data, entry, manifest.dtype, manifest.tokenizer.vocab_size, url, verified=verified)
+    SHARD_CACHE.remember(identity, entry.sha256)
+    return docs
+
+
+def decode_shard(data: bytes, entry: ShardEntry, dtype: str, vocab_size: int, url: str,
+                 verified: bool = False) -> list[np.ndarray]:
+    """The documents of one shard's bytes, in key order, after checking them against the manifest entry: read-only
+    views into `data` (no copy). `verified`: the caller has already matched these bytes with entry.sha256
+    (ShardCache), so the hash is not computed again."""
+    if not verified:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.sha256:
+            raise ShardDamaged(f"{url}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")
+    samples = _plain_tar_samples(data)
+    if samples is None:  # not the plain layout our writers make: webdataset's own reader decides
+        try:
+            tariterators = _wds().tariterators
+            files = ({**f, "__url__": url} for f in tariterators.tar_file_iterator(io.BytesIO(data)))
+            samples = list(tariterators.group_by_keys(files))
+        except Exception as e:  # noqa: BLE001 - tarfile raises several types on garbage
+            raise ShardDamaged(f"{url}: unreadable tar ({type(e).__name__}: {e})") from None
     field = "tokens.u16" if dtype == "uint16" else "tokens.u32"
     little = np.dtype(dtype).newbyteorder("<")
     docs = []
@@ -300,15 +496,6 @@ def decode_shard(data: bytes, entry: ShardEntry, dtype: str, vocab_size: int, ur
     return docs
 
 
-def read_shard(location: str, manifest: Manifest, entry: ShardEntry) -> list[np.ndarray]:
-    url = shard_url(location, entry.file)
-    try:
-        data = read_bytes(url)
-    except Exception as e:  # noqa: BLE001
-        raise ShardDamaged(f"{url}: cannot read ({type(e).__name__}: {e})") from None
-    return decode_shard(data, entry, manifest.dtype, manifest.tokenizer.vocab_size, url)
-
-
 def verify(location: str | Path) -> tuple[list[str], list[str]]:
     """Check every shard of a dataset against its manifest: (report lines, names of damaged shards)."""
     location = str(location)
@@ -317,7 +504,7 @@ def verify(location: str | Path) -> tuple[list[str], list[str]]:
     for split, entries in manifest.splits.items():
         for entry in entries:
             try:
-                read_shard(location, manifest, entry)
+                read_shard(location, manifest, entry, trust_cache=False)
                 lines.append(f"ok       {entry.file}  {entry.samples} samples  {entry.tokens} tokens")
             except ShardDamaged as e:
                 lines.append(f"DAMAGED  {entry.file}  {e}")

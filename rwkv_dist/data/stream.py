@@ -22,7 +22,9 @@ only which consumer reads which remainder, hence the order and the batch composi
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import math
 import warnings
 from collections import defaultdict
@@ -30,6 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
+import numpy.random  # noqa: F401 - numpy imports it on first use, which would land in the first batch
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -81,7 +84,13 @@ class SourceCursor:
         self.pending = [dict(p) for p in state["pending"]]
         self.work = self._standard_work(self.epoch) if state["work"] is None else [tuple(w) for w in state["work"]]
         self.custom_work = state["work"] is not None
-        self._docs: list[np.ndarray] | None = None  # documents of the shard of work[item], shuffled
+        # The shard of work[item], once loaded: where each of its documents, shuffled, starts in its token stream
+        # (each document followed by the end-of-document token; the last entry is the stream's length); its documents
+        # (views into the shard's bytes) until the stream is built from them on first use; the stream; its eod.
+        self._starts: list[int] | None = None
+        self._docs: list[np.ndarray] | None = None
+        self._stream: np.ndarray | None = None
+        self._stream_eod: int | None = None
 
     # -- layout ---------------------------------------------------------------------------------------------------
     def shard_order(self, epoch: int) -> np.ndarray:
@@ -106,7 +115,7 @@ class SourceCursor:
     def _load(self) -> None:
         """Make work[item] readable, skipping damaged shards (or failing) and rolling over to the next epoch."""
         empty_rounds = 0
-        while self._docs is None:
+        while self._starts is None:
             if self.item >= len(self.work):
                 self._next_epoch()
                 empty_rounds += 1
@@ -126,12 +135,13 @@ class SourceCursor:
                 continue
             order = np.random.default_rng(_seed_words(self.seed, self.epoch, self.source.key, entry.file)).permutation(len(docs))
             self._docs = [docs[i] for i in order]
-            if self.doc >= len(self._docs):  # nothing left of this shard (a position saved at its very end)
+            self._starts = [0, *itertools.accumulate(len(d) + 1 for d in self._docs)]
+            if self.doc >= len(docs):  # nothing left of this shard (a position saved at its very end)
                 self._next_item()
             empty_rounds = 0
 
     def _next_item(self) -> None:
-        self._docs = None
+        self._docs = self._starts = self._stream = None
         self.item += 1
         if self.item < len(self.work):
             _, self.doc, self.tok = self.work[self.item]
@@ -146,39 +156,38 @@ class SourceCursor:
         self.item = 0
         self.doc, self.tok = (self.work[0][1], self.work[0][2]) if self.work else (0, 0)
 
-    def _current_doc(self) -> np.ndarray:
-        self._load()
-        return self._docs[self.doc]
+    def _token_stream(self, eod: int) -> np.ndarray:
+        """The loaded shard's documents, each followed by eod, as one array (one vectorized copy per shard)."""
+        if self._stream is None:
+            end = np.array([eod], dtype=self._docs[0].dtype)
+            pieces = [end] * (2 * len(self._docs))
+            pieces[::2] = self._docs
+            self._stream, self._stream_eod, self._docs = np.concatenate(pieces), eod, None
+        elif self._stream_eod != eod:
+            self._stream[np.array(self._starts[1:]) - 1] = eod
+            self._stream_eod = eod
+        return self._stream
 
-    def _advance_doc(self) -> None:
-        """Past the current document's end-of-document token."""
-        self.doc += 1
-        self.tok = 0
-        if self.doc >= len(self._docs):
-            self._next_item()
-
-    def take(self, n: int, eod: int) -> np.ndarray:
-        """The next n tokens; the position moves n - 1 tokens on (the last token also starts the next window)."""
-        out = np.empty(n, dtype=np.int64)
+    def take(self, n: int, eod: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The next n tokens (into `out` when given); the position moves n - 1 tokens on (the last token also starts
+        the next window)."""
+        out = np.empty(n, dtype=np.int64) if out is None else out
         filled = 0
         while filled < n - 1:
-            doc = self._current_doc()
-            m = min(len(doc) + 1 - self.tok, n - 1 - filled)  # +1: the end-of-document token after the document
-            _copy_tokens(out, filled, doc, self.tok, m, eod)
+            self._load()
+            stream = self._token_stream(eod)
+            at = self._starts[self.doc] + self.tok
+            m = min(len(stream) - at, n - 1 - filled)
+            out[filled : filled + m] = stream[at : at + m]
             filled += m
-            self.tok += m
-            if self.tok == len(doc) + 1:
-                self._advance_doc()
-        _copy_tokens(out, n - 1, self._current_doc(), self.tok, 1, eod)  # peek
+            if at + m == len(stream):  # past the shard's last end-of-document token
+                self._next_item()
+            else:
+                self.doc = bisect.bisect_right(self._starts, at + m) - 1
+                self.tok = at + m - self._starts[self.doc]
+        self._load()
+        out[n - 1] = self._token_stream(eod)[self._starts[self.doc] + self.tok]  # peek
         return out
-
-
-def _copy_tokens(out: np.ndarray, at: int, doc: np.ndarray, start: int, count: int, eod: int) -> None:
-    """out[at : at + count] = (doc followed by eod)[start : start + count]."""
-    body = doc[start : min(start + count, len(doc))]
-    out[at : at + len(body)] = body
-    if len(body) < count:
-        out[at + len(body)] = eod
 
 
 class _ConsumerStream:
@@ -211,13 +220,13 @@ class _ConsumerStream:
         return self.cursors[min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.cursors) - 1)]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        windows, names = [], []
-        for _ in range(self.batch_size):
+        windows, names = np.empty((self.batch_size, self.ctx_len + 1), dtype=np.int64), []
+        for row in windows:
             cursor = self._pick()
-            windows.append(cursor.take(self.ctx_len + 1, self.eod))
+            cursor.take(self.ctx_len + 1, self.eod, out=row)
             names.append(cursor.source.key)
             self.windows += 1
-        w = torch.from_numpy(np.stack(windows))
+        w = torch.from_numpy(windows)
         return w[:, :-1], w[:, 1:], names
 
 
@@ -389,18 +398,23 @@ def validation_batches(location: str, ctx_len: int, batch_size: int, rank: int =
     manifest = load_manifest(location)
     entries = manifest.shards("val")
     eod = manifest.tokenizer.eod_id
-    stream: list[int] = []
-    rows, produced = [], 0
+    carry = np.empty(0, dtype=np.int64)  # the stream's tokens after the last window's start
+    rows: list[np.ndarray] = []
+    produced = 0
     for entry in entries[rank::world_size]:
-        for doc in read_shard(location, manifest, entry):
-            stream.extend(doc.tolist())
-            stream.append(eod)
-            while len(stream) >= ctx_len + 1:
-                rows.append(stream[: ctx_len + 1])
-                del stream[:ctx_len]
-                if len(rows) == batch_size:
-                    w = torch.tensor(rows)
-                    yield w[:, :-1], w[:, 1:]
-                    rows, produced = [], produced + 1
-                    if max_batches is not None and produced >= max_batches:
-                        return
+        docs = read_shard(location, manifest, entry)
+        end = np.array([eod], dtype=np.int64)
+        pieces = [end] * (2 * len(docs))
+        pieces[::2] = docs
+        stream = np.concatenate([carry, *pieces]).astype(np.int64, copy=False)
+        count = (len(stream) - 1) // ctx_len if len(stream) > ctx_len else 0
+        if count:
+            rows.extend(np.lib.stride_tricks.sliding_window_view(stream, ctx_len + 1)[: count * ctx_len : ctx_len])
+        carry = stream[count * ctx_len :]
+        while len(rows) >= batch_size:
+            w = torch.from_numpy(np.stack(rows[:batch_size]))
+            del rows[:batch_size]
+            yield w[:, :-1], w[:, 1:]
+            produced += 1
+            if max_batches is not None and produced >= max_batches:
+                return
