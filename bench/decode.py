@@ -1,9 +1,11 @@
-"""Recurrent-mode decoding speed of rwkv_dist's `RWKV.step` against the `rwkv` pip package on the same weights.
+"""Recurrent-mode decoding speed of rwkv_dist's fast `Decoder` (and the reference `RWKV.step`) against the `rwkv` pip package on the same weights.
 
     .venv/bin/python bench/decode.py [--n-layer 12 --n-embd 768] [--contexts 16 512 2048] [--tokens 32]
 
 Both run batch 1 in fp32 on the CPU ('cpu fp32' strategy for the pip package), in one process, on a 169M-shaped model
-with the paper's initialization; ours after `RWKV.for_decoding()`, theirs after its load-time weight conversion. Each context length is first prefilled (our parallel mode / their sequence mode), then
+with the paper's initialization; ours as rwkv_dist.model.decode.Decoder (weights packed once for matrix-vector
+products) and, as the "before" column, `RWKV.step` after `RWKV.for_decoding()`; theirs after its load-time weight
+conversion. The last column is the fast decoder's effective weight bandwidth (bytes of weights read per token x tok/s). Each context length is first prefilled (our parallel mode / their sequence mode), then
 --tokens tokens are decoded one at a time; the decode rate is what is compared. An RNN's step costs the same at any
 context, so both columns should be flat.
 """
@@ -22,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from rwkv_dist.model import RWKV, RWKVConfig  # noqa: E402
+from rwkv_dist.model.decode import Decoder  # noqa: E402
 
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 os.environ.setdefault("RWKV_JIT_ON", "1")
@@ -56,7 +59,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         torch.save(ours.state_dict(), f"{tmp}/model.pth")
         theirs = PipRWKV(model=f"{tmp}/model.pth", strategy="cpu fp32", verbose=False)
-    ours.for_decoding()  # both sides lay their weights out for decoding once, at load
+    fast = Decoder(ours)
+    ours.for_decoding()  # every side lays its weights out for decoding once, at load
+
+    def fast_step(token, state):
+        logits, state = fast.step(torch.tensor([token]), state)
+        return logits[0], state
 
     def our_step(token, state):
         logits, state = ours.step(torch.tensor([token]), state)
@@ -65,19 +73,24 @@ def main() -> None:
     def their_step(token, state):
         return theirs.forward([token], state)
 
-    print(f"RNN decode, batch 1, fp32, L{args.n_layer} D{args.n_embd} V{args.vocab}, {torch.get_num_threads()} threads")
-    print(f"{'context':>8s}{'rwkv_dist tok/s':>18s}{'rwkv pip tok/s':>17s}{'ratio':>8s}")
+    print(f"RNN decode, batch 1, fp32, L{args.n_layer} D{args.n_embd} V{args.vocab}, {torch.get_num_threads()} threads,"
+          f" {fast.weight_bytes() / 1e6:.0f} MB of weights read per token")
+    print(f"{'context':>8s}{'Decoder tok/s':>15s}{'RWKV.step tok/s':>17s}{'rwkv pip tok/s':>16s}"
+          f"{'Decoder/pip':>13s}{'step/pip':>10s}{'Decoder GB/s':>14s}")
     prompt = torch.randint(0, args.vocab, (max(args.contexts),), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         for ctx in args.contexts:
             logits, state = ours(prompt[None, :ctx], return_state=True)
             their_logits, their_state = theirs.forward(prompt[:ctx].tolist(), None)
-            rates = {"ours": [], "theirs": []}
-            for _ in range(args.rounds):  # alternate, so that machine noise hits both alike; report medians
+            rates = {"fast": [], "ours": [], "theirs": []}
+            for _ in range(args.rounds):  # alternate, so that machine noise hits all alike; report medians
+                rates["fast"].append(decode_rate(fast_step, logits[0, -1], state, args.tokens))
                 rates["ours"].append(decode_rate(our_step, logits[0, -1], state, args.tokens))
                 rates["theirs"].append(decode_rate(their_step, their_logits, their_state, args.tokens))
-            ours_rate, their_rate = statistics.median(rates["ours"]), statistics.median(rates["theirs"])
-            print(f"{ctx:8d}{ours_rate:18.1f}{their_rate:17.1f}{ours_rate / their_rate:7.2f}x")
+            f, o, t = (statistics.median(rates[k]) for k in ("fast", "ours", "theirs"))
+            print(f"{ctx:8d}{f:15.1f}{o:17.1f}{t:16.1f}{f / t:12.2f}x{o / t:9.2f}x{f * fast.weight_bytes() / 1e9:14.1f}",
+                  flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -77,13 +77,17 @@ def _positive(kind, name: str):
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from .errors import CheckpointError
-    from .inference import load_model, sample
+    from .inference import load_model, sample_many
 
     model, tokenizer = load_model(args.checkpoint, args.tokenizer)
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: a weights file carries no tokenizer; pass --tokenizer")
-    text = sample(model.for_decoding(), tokenizer, args.prompt, args.max_tokens, args.temperature, args.top_p, args.seed)
-    print(args.prompt + text)
+    texts = sample_many(model, tokenizer, args.prompt, args.max_tokens, args.num_samples, args.temperature, args.top_p,
+                        args.seed)
+    for i, text in enumerate(texts):
+        if args.num_samples > 1:
+            print(f"--- sample {i} (seed {args.seed + i}) ---")
+        print(args.prompt + text)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -405,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=_positive(float, "--temperature"), default=0.8)
     p.add_argument("--top-p", type=_unit_interval("--top-p"), default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=_positive(int, "--num-samples"), default=1,
+                   help="continuations decoded together as one batch; sample i uses seed SEED+i, the text a "
+                        "1-sample run with --seed SEED+i prints (default 1)")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
     p.set_defaults(func=cmd_generate)
 

@@ -13,8 +13,9 @@ import torch
 
 from .data import Tokenizer, validation_batches
 from .data.shards import check_same_tokenizer, load_manifest
-from .errors import CheckpointError, DataError
-from .model import RWKV
+from .errors import CheckpointError, DataError, ShapeError
+from .model import RWKV, RWKVState
+from .model.decode import Decoder
 from .model.state_dict import load_rwkv, read_state_dict
 from .train.loss import token_cross_entropy
 
@@ -42,21 +43,42 @@ def sample(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, temperature: 
            seed: int = 0, prefill_len: int = 1024) -> str:
     """Continue `prompt` by `n` tokens: nucleus sampling, one recurrent step per token. The prompt, of any length,
     is read in parallel mode in segments of prefill_len tokens carrying the state (constant memory)."""
-    gen = torch.Generator().manual_seed(seed)
+    return sample_many(model, tokenizer, prompt, n, 1, temperature, top_p, seed, prefill_len)[0]
+
+
+@torch.no_grad()
+def sample_many(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, num_samples: int, temperature: float = 0.8,
+                top_p: float = 0.9, seed: int = 0, prefill_len: int = 1024) -> list[str]:
+    """`num_samples` continuations of `prompt`, decoded together as one batch (one weight read per token for all).
+    Sample i draws from its own generator seeded `seed + i`, so it is the text `sample(..., seed=seed + i)` gives
+    alone. The prompt is read once and its state copied to every sample; decoding runs on rwkv_dist.model.decode's
+    Decoder (the weights packed for matrix-vector products), or on `model.step` for a model it cannot pack."""
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(num_samples)]
     ids = tokenizer.encode([prompt])[0] or [tokenizer.eod_id]  # an empty prompt starts a new document
     state = None
     for start in range(0, len(ids), prefill_len):
         logits, state = model(torch.tensor([ids[start:start + prefill_len]]), state, return_state=True)
-    logits = logits[:, -1]
-    out = []
+    logits = logits[:, -1].expand(num_samples, -1)
+    state = RWKVState(*(s.expand(-1, num_samples, -1).contiguous() for s in state))
+    try:
+        step = Decoder(model).step
+    except ShapeError:  # a model rebuilt for a parallel layout: its own step
+        step = model.step
+    out = [[] for _ in range(num_samples)]
     for _ in range(n):
-        probs = torch.softmax(logits[0].float() / temperature, dim=-1)
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, 0) - sorted_probs < top_p  # nucleus: smallest set with mass >= top_p
-        token = int(order[keep][torch.multinomial(sorted_probs[keep], 1, generator=gen)])
-        out.append(token)
-        logits, state = model.step(torch.tensor([token]), state)
-    return tokenizer.decode(out)
+        tokens = [next_token(row, temperature, top_p, gen) for row, gen in zip(logits, gens)]
+        for row, token in zip(out, tokens):
+            row.append(token)
+        logits, state = step(torch.tensor(tokens), state)
+    return [tokenizer.decode(row) for row in out]
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One nucleus-sampled token from logits [V]: the smallest set of tokens with probability mass >= top_p."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_probs, order = torch.sort(probs, descending=True)
+    keep = torch.cumsum(sorted_probs, 0) - sorted_probs < top_p
+    return int(order[keep][torch.multinomial(sorted_probs[keep], 1, generator=gen)])
 
 
 @torch.no_grad()
