@@ -5,7 +5,8 @@
     x    += ChannelMix(ln2(x))     sigmoid(W_r xr) * W_v(relu(W_k xk)^2)
     logits = head(ln_out(x))
 
-where x? = x * mu + shift(x) * (1 - mu) mixes each position with the previous one (token shift).
+where x? = x * mu + shift(x) * (1 - mu) mixes each position with the previous one (token shift). The elementwise
+parts (shift + mixes, sigmoid gates, squared ReLU) run as fused ops in parallel mode (rwkv_dist/ops/mixing.py).
 Parallel ("GPT") mode runs the WKV operator over [B, T]; recurrent ("RNN") mode, `step`, advances one token with a
 state. Parameter names and shapes are BlinkDL's, so state dicts load in the `rwkv` pip package and back unchanged.
 This file knows nothing about parallelism: strategies wrap or rebuild the model from outside.
@@ -20,6 +21,7 @@ from torch import nn
 
 from ..errors import ShapeError
 from ..ops import EMPTY_EXPONENT, WKVState, wkv4
+from ..ops.mixing import shift_mix, sigmoid_gate, squared_relu
 from .config import RWKVConfig
 from .init import init_weights
 
@@ -56,14 +58,8 @@ class RWKVState(NamedTuple):
         )
 
 
-def token_shift(x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-    """x [B, T, D] -> the previous position's x, with `last` (or zeros) before the first one."""
-    first = torch.zeros_like(x[:, :1]) if last is None else last[:, None].to(x.dtype)
-    return torch.cat((first, x[:, :-1]), dim=1)
-
-
 def mix(x: torch.Tensor, previous: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """x * mu + previous * (1 - mu), as one op."""
+    """x * mu + previous * (1 - mu), as one op (a recurrent step's mix; parallel mode runs the fused shift_mix)."""
     return torch.lerp(previous, x, mu)
 
 
@@ -86,12 +82,14 @@ class TimeMix(nn.Module):
         return -torch.exp(self.time_decay.float())  # fp32: bf16 would round decays near 1
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None, wkv_state: WKVState | None):
-        xx = token_shift(x, shift)
-        k = self.key(mix(x, xx, self.time_mix_k))
-        v = self.value(mix(x, xx, self.time_mix_v))
-        r = self.receptance(mix(x, xx, self.time_mix_r))
+        k, v, r = self.key_value_receptance(x, shift)
         y, wkv_state = wkv4(self.decay(), self.time_first.float(), k, v, wkv_state)
-        return self.output(torch.sigmoid(r) * y), x[:, -1].float(), wkv_state
+        return self.output(sigmoid_gate(r, y)), x[:, -1].float(), wkv_state
+
+    def key_value_receptance(self, x: torch.Tensor, shift: torch.Tensor | None):
+        """k, v, r at every position of x [B, T, D]; `shift` is the x before the first one (None: zeros)."""
+        xk, xv, xr = shift_mix(x, shift, [self.time_mix_k, self.time_mix_v, self.time_mix_r])
+        return self.key(xk), self.value(xv), self.receptance(xr)
 
     def step(self, x: torch.Tensor, shift: torch.Tensor, s: WKVState):
         """One token, x [B, D]: the same recurrence as the WKV kernels, written out for a single step."""
@@ -119,15 +117,15 @@ class ChannelMix(nn.Module):
         self.receptance = nn.Linear(D, D, bias=False)
         self.value = nn.Linear(hidden, D, bias=False)
 
-    def mixer(self, x: torch.Tensor, xx: torch.Tensor, mu_k: torch.Tensor, mu_r: torch.Tensor) -> torch.Tensor:
-        k = torch.square(torch.relu(self.key(mix(x, xx, mu_k))))
-        return torch.sigmoid(self.receptance(mix(x, xx, mu_r))) * self.value(k)
+    def mixer(self, xk: torch.Tensor, xr: torch.Tensor) -> torch.Tensor:
+        return sigmoid_gate(self.receptance(xr), self.value(squared_relu(self.key(xk))))
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None):
-        return self.mixer(x, token_shift(x, shift), self.time_mix_k, self.time_mix_r), x[:, -1].float()
+        return self.mixer(*shift_mix(x, shift, [self.time_mix_k, self.time_mix_r])), x[:, -1].float()
 
     def step(self, x: torch.Tensor, shift: torch.Tensor):
-        return self.mixer(x, shift.to(x.dtype), self.time_mix_k[0, 0], self.time_mix_r[0, 0]), x.float()
+        shift = shift.to(x.dtype)
+        return self.mixer(mix(x, shift, self.time_mix_k[0, 0]), mix(x, shift, self.time_mix_r[0, 0])), x.float()
 
 
 class Block(nn.Module):

@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from ..model import RWKV, RWKVConfig
-from ..model.rwkv import Block, ChannelMix, TimeMix, mix, token_shift
+from ..model.rwkv import Block, ChannelMix, TimeMix
 from ..ops import WKVState, wkv4
+from ..ops.mixing import sigmoid_gate
 
 _GROUP = None  # this rank's context group (set by `ContextParallelRWKV` before any forward)
 
@@ -62,10 +63,7 @@ def combine(first: WKVState, second: WKVState, w: torch.Tensor, n: int) -> WKVSt
 class ContextParallelTimeMix(TimeMix):
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None, wkv_state: WKVState | None):
         # the same TimeMix, with the token-shift input and the WKV state coming from the earlier ranks
-        xx = token_shift(x, _previous_last(x))
-        k = self.key(mix(x, xx, self.time_mix_k))
-        v = self.value(mix(x, xx, self.time_mix_v))
-        r = self.receptance(mix(x, xx, self.time_mix_r))
+        k, v, r = self.key_value_receptance(x, _previous_last(x))
         w, u = self.decay(), self.time_first.float()
         y, local = wkv4(w, u, k, v)  # this piece from a zero state
         summaries = [_AllGather.apply(t) for t in local]  # 3 x [C, B, D]
@@ -77,12 +75,12 @@ class ContextParallelTimeMix(TimeMix):
             y, local = wkv4(w, u, k, v, incoming)
         else:  # the zero state was right; the summaries enter with weight 0, so this rank's backward runs their
             y = y + 0 * sum(s.sum() for s in summaries)  # collectives as the others' does (no rank waits)
-        return self.output(torch.sigmoid(r) * y), x[:, -1].float(), local
+        return self.output(sigmoid_gate(r, y)), x[:, -1].float(), local
 
 
 class ContextParallelChannelMix(ChannelMix):
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None):
-        return self.mixer(x, token_shift(x, _previous_last(x)), self.time_mix_k, self.time_mix_r), x[:, -1].float()
+        return super().forward(x, _previous_last(x))
 
 
 class ContextParallelBlock(Block):

@@ -1,0 +1,266 @@
+// The elementwise parts of an RWKV-4 block on CPU, each one pass over memory forward and one backward, where the
+// composition of torch ops makes several (rwkv_dist/ops/mixing.py has the formulas and the reference):
+//   token shift + mixes:  out_i[t] = prev[t] + mu_i (x[t] - prev[t]),  prev[t] = x[t-1] (the state's `last` at t = 0)
+//   squared ReLU:         y = max(x, 0)^2
+//   sigmoid gate:         out = sigmoid(r) * y
+// Storage dtypes fp32 / bf16 / fp16, converted in registers; all math fp32. Parameter gradients are reduced per thread
+// over a fixed split of the rows and then summed in thread order, so results repeat bitwise for a given thread count.
+// OpenMP runs a call on one thread when it is too small to be worth waking the others (a decode step).
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu_simd.h"
+
+namespace mixcpu {
+
+using wkv4cpu::kWidth;
+using wkv4cpu::vf;
+using wkv4cpu::load;
+using wkv4cpu::store;
+
+constexpr int64_t kParallelElements = 1 << 15;  // below this a call runs on one thread
+
+int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// fn(thread, begin, end) over a static split of [0, n) into `threads` contiguous parts.
+template <class Fn>
+void split(int64_t n, int threads, Fn fn) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int id = 0; id < threads; ++id) fn(id, n * id / threads, n * (id + 1) / threads);
+}
+
+int threads_for(int64_t elements) {
+    return elements < kParallelElements ? 1 : std::max(1, max_threads());
+}
+
+// ---- token shift + mixes ----------------------------------------------------------------------------------------
+
+template <class F>
+struct Mix {
+    const F* x;           // [B, T, D]
+    const float* last;    // [B, D] or nullptr (zeros)
+    const float* mu;      // [N, D]
+    int n;                // mixes
+    int64_t B, T, D;
+};
+
+// The previous position's x for row r = b * T + t, vector at channel c (m lanes).
+template <class F>
+WKV_INLINE vf previous(const Mix<F>& a, int64_t r, int64_t c, int m) {
+    const int64_t t = r % a.T;
+    if (t > 0) return load<false>(a.x + (r - 1) * a.D + c, m);
+    return a.last ? load<false>(a.last + (r / a.T) * a.D + c, m) : vf{};
+}
+
+template <class F>
+void mix_forward(const Mix<F>& a, F* const* out) {
+    split(a.B * a.T, threads_for(a.B * a.T * a.D), [&](int, int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r)
+            for (int64_t c = 0; c < a.D; c += kWidth) {
+                const int m = static_cast<int>(std::min<int64_t>(kWidth, a.D - c));
+                const vf x = load<false>(a.x + r * a.D + c, m), prev = previous(a, r, c, m), d = x - prev;
+                for (int i = 0; i < a.n; ++i)
+                    store<false>(out[i] + r * a.D + c, prev + load<false>(a.mu + i * a.D + c, m) * d, m);
+            }
+    });
+}
+
+// gx[t] = sum_i g_i[t] mu_i + g_i[t+1] (1 - mu_i);  g_last = sum_i g_i[0] (1 - mu_i);  g_mu_i = sum_t g_i[t] (x - prev)
+template <class F>
+void mix_backward(const Mix<F>& a, const F* const* g, F* gx, float* g_last, float* g_mu) {
+    const int threads = threads_for(a.B * a.T * a.D);
+    std::vector<float> partial(static_cast<size_t>(threads) * a.n * a.D, 0.f);
+    split(a.B * a.T, threads, [&](int id, int64_t r0, int64_t r1) {
+        float* acc = partial.data() + static_cast<int64_t>(id) * a.n * a.D;
+        for (int64_t r = r0; r < r1; ++r) {
+            const bool has_next = r % a.T + 1 < a.T, first = r % a.T == 0;
+            for (int64_t c = 0; c < a.D; c += kWidth) {
+                const int m = static_cast<int>(std::min<int64_t>(kWidth, a.D - c));
+                const vf d = load<false>(a.x + r * a.D + c, m) - previous(a, r, c, m);
+                vf grad = {}, grad_last = {};
+                for (int i = 0; i < a.n; ++i) {
+                    const vf mu = load<false>(a.mu + i * a.D + c, m), gi = load<false>(g[i] + r * a.D + c, m);
+                    grad += gi * mu;
+                    if (has_next) grad += load<false>(g[i] + (r + 1) * a.D + c, m) * (1.f - mu);
+                    if (first) grad_last += gi * (1.f - mu);
+                    float* ai = acc + i * a.D + c;
+                    store<false>(ai, load<false>(ai, m) + gi * d, m);
+                }
+                store<false>(gx + r * a.D + c, grad, m);
+                if (first && g_last) store<false>(g_last + (r / a.T) * a.D + c, grad_last, m);
+            }
+        }
+    });
+    for (int64_t j = 0; j < a.n * a.D; ++j) {
+        float sum = 0.f;
+        for (int id = 0; id < threads; ++id) sum += partial[static_cast<size_t>(id) * a.n * a.D + j];
+        g_mu[j] = sum;
+    }
+}
+
+// ---- elementwise ------------------------------------------------------------------------------------------------
+
+// fn(i, m) for every vector of n elements (m lanes at element i), split over threads.
+template <class Fn>
+void for_each_element_vector(int64_t n, Fn fn) {
+    const int64_t vectors = (n + kWidth - 1) / kWidth;
+    split(vectors, threads_for(n), [&](int, int64_t v0, int64_t v1) {
+        for (int64_t v = v0; v < v1; ++v) fn(v * kWidth, static_cast<int>(std::min<int64_t>(kWidth, n - v * kWidth)));
+    });
+}
+
+// max(x, 0) that keeps NaN (a comparison with NaN is false), as torch.relu does.
+WKV_INLINE vf relu(vf x) { return x < 0.f ? 0.f : x; }
+
+WKV_INLINE vf sigmoid(vf x) { return 1.f / (1.f + wkv4cpu::exp_lanes(-x)); }
+
+template <class F>
+void squared_relu_forward(const F* x, F* y, int64_t n) {
+    for_each_element_vector(n, [&](int64_t i, int m) {
+        const vf h = relu(load<false>(x + i, m));
+        store<false>(y + i, h * h, m);
+    });
+}
+
+template <class F>
+void squared_relu_backward(const F* x, const F* g, F* gx, int64_t n) {
+    for_each_element_vector(n, [&](int64_t i, int m) {
+        store<false>(gx + i, 2.f * relu(load<false>(x + i, m)) * load<false>(g + i, m), m);
+    });
+}
+
+template <class F>
+void sigmoid_gate_forward(const F* r, const F* y, F* out, int64_t n) {
+    for_each_element_vector(n, [&](int64_t i, int m) {
+        store<false>(out + i, sigmoid(load<false>(r + i, m)) * load<false>(y + i, m), m);
+    });
+}
+
+template <class F>
+void sigmoid_gate_backward(const F* r, const F* y, const F* g, F* gr, F* gy, int64_t n) {
+    for_each_element_vector(n, [&](int64_t i, int m) {
+        const vf s = sigmoid(load<false>(r + i, m)), gi = load<false>(g + i, m);
+        store<false>(gy + i, gi * s, m);
+        store<false>(gr + i, gi * load<false>(y + i, m) * s * (1.f - s), m);
+    });
+}
+
+}  // namespace mixcpu
+
+// ---- Python-facing wrappers (shapes and dtypes are validated in rwkv_dist/ops/mixing.py; these guard memory) -------
+namespace {
+
+using wkv4cpu::dispatch;
+using wkv4cpu::ptr;
+using Tensor = torch::Tensor;
+
+template <class F>
+mixcpu::Mix<F> mix_args(const Tensor& x, const std::optional<Tensor>& last, const Tensor& mu) {
+    TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "mix: x must be a contiguous [B, T, D] tensor");
+    const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
+    TORCH_CHECK(mu.scalar_type() == torch::kFloat && mu.is_contiguous() && mu.dim() == 2 && mu.size(1) == D,
+                "mix: mu must be a contiguous float32 [N, D] tensor");
+    if (last) {
+        TORCH_CHECK(last->scalar_type() == torch::kFloat && last->is_contiguous() && last->numel() == B * D,
+                    "mix: last must be a contiguous float32 [B, D] tensor");
+    }
+    return {ptr<F>(x), last ? ptr<float>(*last) : nullptr, ptr<float>(mu), static_cast<int>(mu.size(0)), B, T, D};
+}
+
+std::vector<Tensor> mix_forward(Tensor x, std::optional<Tensor> last, Tensor mu) {
+    std::vector<Tensor> out;
+    for (int64_t i = 0; i < mu.size(0); ++i) out.push_back(torch::empty_like(x));
+    dispatch("mix", x.scalar_type(), [&](auto tag) {
+        using F = decltype(tag);
+        std::vector<F*> out_ptrs;
+        for (auto& o : out) out_ptrs.push_back(ptr<F>(o));
+        mixcpu::mix_forward(mix_args<F>(x, last, mu), out_ptrs.data());
+    });
+    return out;
+}
+
+// -> (gx, g_last (empty when last is None), g_mu)
+std::vector<Tensor> mix_backward(Tensor x, std::optional<Tensor> last, Tensor mu, std::vector<Tensor> grads) {
+    TORCH_CHECK(static_cast<int64_t>(grads.size()) == mu.size(0), "mix: one gradient per mix");
+    for (auto& g : grads)
+        TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && g.is_contiguous(), "mix: bad grad");
+    auto gx = torch::empty_like(x);
+    auto g_last = last ? torch::empty_like(*last) : torch::empty({0}, mu.options());
+    auto g_mu = torch::empty_like(mu);
+    dispatch("mix", x.scalar_type(), [&](auto tag) {
+        using F = decltype(tag);
+        std::vector<const F*> g_ptrs;
+        for (auto& g : grads) g_ptrs.push_back(ptr<F>(g));
+        mixcpu::mix_backward(mix_args<F>(x, last, mu), g_ptrs.data(), ptr<F>(gx), last ? ptr<float>(g_last) : nullptr,
+                             ptr<float>(g_mu));
+    });
+    return {gx, g_last, g_mu};
+}
+
+void check_like(const Tensor& a, const Tensor& b, const char* op) {
+    TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(),
+                op, ": tensors must be contiguous, of one shape and dtype");
+}
+
+Tensor squared_relu_forward(Tensor x) {
+    check_like(x, x, "squared_relu");
+    auto y = torch::empty_like(x);
+    dispatch("squared_relu", x.scalar_type(), [&](auto tag) {
+        using F = decltype(tag);
+        mixcpu::squared_relu_forward(ptr<F>(x), ptr<F>(y), x.numel());
+    });
+    return y;
+}
+
+Tensor squared_relu_backward(Tensor x, Tensor g) {
+    check_like(x, g, "squared_relu");
+    auto gx = torch::empty_like(x);
+    dispatch("squared_relu", x.scalar_type(), [&](auto tag) {
+        using F = decltype(tag);
+        mixcpu::squared_relu_backward(ptr<F>(x), ptr<F>(g), ptr<F>(gx), x.numel());
+    });
+    return gx;
+}
+
+Tensor sigmoid_gate_forward(Tensor r, Tensor y) {
+    check_like(r, y, "sigmoid_gate");
+    auto out = torch::empty_like(y);
+    dispatch("sigmoid_gate", r.scalar_type(), [&](auto tag) {
+        using F = decltype(tag);
+        mixcpu::sigmoid_gate_forward(ptr<F>(r), ptr<F>(y), ptr<F>(out), r.numel());
+    });
+    return out;
+}
+
+std::vector<Tensor> sigmoid_gate_backward(Tensor r, Tensor y, Tensor g) {
+    check_like(r, y, "sigmoid_gate");
+    check_like(r, g, "sigmoid_gate");
+    auto gr = torch::empty_like(r), gy = torch::empty_like(y);
+    dispatch("sigmoid_gate", r.scalar_type(), [&](auto tag) {
+        using F = decltype(tag);
+        mixcpu::sigmoid_gate_backward(ptr<F>(r), ptr<F>(y), ptr<F>(g), ptr<F>(gr), ptr<F>(gy), r.numel());
+    });
+    return {gr, gy};
+}
+
+}  // namespace
+
+void register_mix_ops(pybind11::module_& m) {
+    m.def("mix_forward", &mix_forward, "token shift + mixes: (x[B,T,D], last[B,D] or None, mu[N,D]) -> N outputs");
+    m.def("mix_backward", &mix_backward, "(x, last, mu, grads) -> (gx, g_last, g_mu)");
+    m.def("squared_relu_forward", &squared_relu_forward, "max(x, 0)^2");
+    m.def("squared_relu_backward", &squared_relu_backward, "(x, g) -> gx");
+    m.def("sigmoid_gate_forward", &sigmoid_gate_forward, "sigmoid(r) * y");
+    m.def("sigmoid_gate_backward", &sigmoid_gate_backward, "(r, y, g) -> (gr, gy)");
+}
