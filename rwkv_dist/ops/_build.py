@@ -19,7 +19,8 @@ def _cache_dir() -> str:
 
 @functools.cache
 def cpu_extension():
-    """The OpenMP CPU kernels (csrc/wkv4_cpu.cpp: WKV; csrc/mix_cpu.cpp: a block's elementwise ops); about 30 s to build the first time, then loaded from the cache.
+    """The OpenMP CPU kernels (csrc/wkv4_cpu.cpp: WKV; csrc/mix_cpu.cpp: a block's elementwise ops), one extension;
+    about 30 s to build the first time, then loaded from the cache.
 
     The kernel is written with explicit SIMD vectors (GCC vector extensions) and its own inlined exp, so it needs no
     -ffast-math; it must not have it: NaN/inf inputs have to propagate, which -ffinite-math-only would break.
