@@ -1,11 +1,12 @@
-"""Recurrent-mode decoding speed of rwkv_dist's fast `Decoder` (and the reference `RWKV.step`) against the `rwkv` pip package on the same weights.
+"""Recurrent-mode decoding speed of rwkv_dist's `Decoder` (and of `RWKV.step`) against the `rwkv` pip package.
 
     .venv/bin/python bench/decode.py [--n-layer 12 --n-embd 768] [--contexts 16 512 2048] [--tokens 32]
 
 Both run batch 1 in fp32 on the CPU ('cpu fp32' strategy for the pip package), in one process, on a 169M-shaped model
 with the paper's initialization; ours as rwkv_dist.model.decode.Decoder (weights packed once for matrix-vector
 products) and, as the "before" column, `RWKV.step` after `RWKV.for_decoding()`; theirs after its load-time weight
-conversion. The last column is the fast decoder's effective weight bandwidth (bytes of weights read per token x tok/s). Each context length is first prefilled (our parallel mode / their sequence mode), then
+conversion; all on the same weights. The last column is the decoder's effective weight bandwidth (bytes of weights
+read per token x tok/s). Each context length is first prefilled (our parallel mode / their sequence mode), then
 --tokens tokens are decoded one at a time; the decode rate is what is compared. An RNN's step costs the same at any
 context, so both columns should be flat.
 """

@@ -208,50 +208,45 @@ std::vector<Tensor> mix_backward(Tensor x, std::optional<Tensor> last, Tensor mu
     return {gx, g_last, g_mu};
 }
 
-void check_like(const Tensor& a, const Tensor& b, const char* op) {
-    TORCH_CHECK(a.is_contiguous() && b.is_contiguous() && a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(),
-                op, ": tensors must be contiguous, of one shape and dtype");
-}
-
-Tensor squared_relu_forward(Tensor x) {
-    check_like(x, x, "squared_relu");
-    auto y = torch::empty_like(x);
-    dispatch("squared_relu", x.scalar_type(), [&](auto tag) {
-        using F = decltype(tag);
-        mixcpu::squared_relu_forward(ptr<F>(x), ptr<F>(y), x.numel());
-    });
-    return y;
-}
-
-Tensor squared_relu_backward(Tensor x, Tensor g) {
-    check_like(x, g, "squared_relu");
-    auto gx = torch::empty_like(x);
-    dispatch("squared_relu", x.scalar_type(), [&](auto tag) {
-        using F = decltype(tag);
-        mixcpu::squared_relu_backward(ptr<F>(x), ptr<F>(g), ptr<F>(gx), x.numel());
-    });
-    return gx;
-}
-
-Tensor sigmoid_gate_forward(Tensor r, Tensor y) {
-    check_like(r, y, "sigmoid_gate");
-    auto out = torch::empty_like(y);
-    dispatch("sigmoid_gate", r.scalar_type(), [&](auto tag) {
-        using F = decltype(tag);
-        mixcpu::sigmoid_gate_forward(ptr<F>(r), ptr<F>(y), ptr<F>(out), r.numel());
-    });
+// Runs fn(F{}, outputs) on the storage type F of inputs (contiguous, of one shape and dtype), with n_outputs fresh
+// tensors shaped like them.
+template <class Fn>
+std::vector<Tensor> elementwise(const char* op, const std::vector<Tensor>& inputs, int n_outputs, Fn fn) {
+    for (const auto& t : inputs)
+        TORCH_CHECK(t.is_contiguous() && t.sizes() == inputs[0].sizes() && t.scalar_type() == inputs[0].scalar_type(),
+                    op, ": tensors must be contiguous, of one shape and dtype");
+    std::vector<Tensor> out;
+    for (int i = 0; i < n_outputs; ++i) out.push_back(torch::empty_like(inputs[0]));
+    dispatch(op, inputs[0].scalar_type(), [&](auto tag) { fn(tag, out); });
     return out;
 }
 
-std::vector<Tensor> sigmoid_gate_backward(Tensor r, Tensor y, Tensor g) {
-    check_like(r, y, "sigmoid_gate");
-    check_like(r, g, "sigmoid_gate");
-    auto gr = torch::empty_like(r), gy = torch::empty_like(y);
-    dispatch("sigmoid_gate", r.scalar_type(), [&](auto tag) {
+Tensor squared_relu_forward(Tensor x) {
+    return elementwise("squared_relu", {x}, 1, [&](auto tag, auto& out) {
         using F = decltype(tag);
-        mixcpu::sigmoid_gate_backward(ptr<F>(r), ptr<F>(y), ptr<F>(g), ptr<F>(gr), ptr<F>(gy), r.numel());
+        mixcpu::squared_relu_forward(ptr<F>(x), ptr<F>(out[0]), x.numel());
+    })[0];
+}
+
+Tensor squared_relu_backward(Tensor x, Tensor g) {
+    return elementwise("squared_relu", {x, g}, 1, [&](auto tag, auto& out) {
+        using F = decltype(tag);
+        mixcpu::squared_relu_backward(ptr<F>(x), ptr<F>(g), ptr<F>(out[0]), x.numel());
+    })[0];
+}
+
+Tensor sigmoid_gate_forward(Tensor r, Tensor y) {
+    return elementwise("sigmoid_gate", {r, y}, 1, [&](auto tag, auto& out) {
+        using F = decltype(tag);
+        mixcpu::sigmoid_gate_forward(ptr<F>(r), ptr<F>(y), ptr<F>(out[0]), r.numel());
+    })[0];
+}
+
+std::vector<Tensor> sigmoid_gate_backward(Tensor r, Tensor y, Tensor g) {  // -> (gr, gy)
+    return elementwise("sigmoid_gate", {r, y, g}, 2, [&](auto tag, auto& out) {
+        using F = decltype(tag);
+        mixcpu::sigmoid_gate_backward(ptr<F>(r), ptr<F>(y), ptr<F>(g), ptr<F>(out[0]), ptr<F>(out[1]), r.numel());
     });
-    return {gr, gy};
 }
 
 }  // namespace

@@ -56,5 +56,5 @@ def run_demo(out: str | Path = "runs/demo", overrides: list[str] | None = None, 
     print(f"train loss {losses[0]:.3f} -> {last:.3f} (mean of the last 20); val loss {val:.3f} (perplexity "
           f"{math.exp(val):.1f}; uniform would be {math.log(tokenizer.vocab_size):.2f})")
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
-    print("sample (recurrent mode, from the last checkpoint):\ndef " + sample(model.for_decoding(), tok, "def ", 120))
+    print("sample (recurrent mode, from the last checkpoint):\ndef " + sample(model, tok, "def ", 120))
     return {"first": losses[0], "last": last, "val": val, "steps": records[-1]["step"]}

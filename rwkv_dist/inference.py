@@ -13,7 +13,7 @@ import torch
 
 from .data import Tokenizer, validation_batches
 from .data.shards import check_same_tokenizer, load_manifest
-from .errors import CheckpointError, DataError, ShapeError
+from .errors import CheckpointError, DataError
 from .model import RWKV, RWKVState
 from .model.decode import Decoder
 from .model.state_dict import load_rwkv, read_state_dict
@@ -52,7 +52,7 @@ def sample_many(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, num_samp
     """`num_samples` continuations of `prompt`, decoded together as one batch (one weight read per token for all).
     Sample i draws from its own generator seeded `seed + i`, so it is the text `sample(..., seed=seed + i)` gives
     alone. The prompt is read once and its state copied to every sample; decoding runs on rwkv_dist.model.decode's
-    Decoder (the weights packed for matrix-vector products), or on `model.step` for a model it cannot pack."""
+    Decoder (the weights packed for matrix-vector products)."""
     gens = [torch.Generator().manual_seed(seed + i) for i in range(num_samples)]
     ids = tokenizer.encode([prompt])[0] or [tokenizer.eod_id]  # an empty prompt starts a new document
     state = None
@@ -60,10 +60,7 @@ def sample_many(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, num_samp
         logits, state = model(torch.tensor([ids[start:start + prefill_len]]), state, return_state=True)
     logits = logits[:, -1].expand(num_samples, -1)
     state = RWKVState(*(s.expand(-1, num_samples, -1).contiguous() for s in state))
-    try:
-        step = Decoder(model).step
-    except ShapeError:  # a model rebuilt for a parallel layout: its own step
-        step = model.step
+    step = Decoder(model).step
     out = [[] for _ in range(num_samples)]
     for _ in range(n):
         tokens = [next_token(row, temperature, top_p, gen) for row, gen in zip(logits, gens)]

@@ -11,22 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_dist.model import RWKV, RWKVConfig, RWKVState
+from rwkv_dist.model import RWKVConfig, RWKVState
 from rwkv_dist.model.decode import Decoder
 
+from helpers import random_model
+
 CFG = RWKVConfig(n_layer=3, n_embd=64, vocab_size=300)
-
-
-def noisy(cfg: RWKVConfig) -> RWKV:
-    """The paper's init plus noise, so the zero-initialized matrices do real work."""
-    torch.manual_seed(0)
-    model = RWKV(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.5 if p.dim() == 2 else 0.2))
-            if "time_mix" in name:
-                p.clamp_(0, 1)
-    return model.eval()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -48,8 +38,8 @@ def assert_close(got, want, tol: float) -> None:
 def test_fast_step_equals_rwkv_step_and_float64(batch, prefill):
     """40 steps from a fresh state or one prefilled in parallel mode: logits and every state tensor equal RWKV.step
     (fp32) to 1e-5 and the float64 model's step to 5e-5 relative, at batch 1 and 4; the given state is not modified."""
-    model = noisy(CFG)
-    exact = noisy(CFG).double()
+    model = random_model(**CFG.model_dump())
+    exact = random_model(**CFG.model_dump()).double()
     fast = Decoder(model)
     gen = torch.Generator().manual_seed(batch * 100 + prefill)
     tokens = torch.randint(0, CFG.vocab_size, (batch, prefill + 40), generator=gen)
@@ -77,7 +67,7 @@ def test_fast_step_equals_rwkv_step_and_float64(batch, prefill):
 
 def test_batched_fast_step_rows_equal_batch_1_steps():
     """Each row of a batch-3 step is the batch-1 step of that row (different tokens, different states)."""
-    model = noisy(CFG)
+    model = random_model(**CFG.model_dump())
     fast = Decoder(model)
     tokens = torch.randint(0, CFG.vocab_size, (3, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -94,7 +84,7 @@ def test_batched_fast_step_rows_equal_batch_1_steps():
 def test_decoder_refuses_a_wrong_batch_and_tokens():
     from rwkv_dist.errors import ShapeError
 
-    fast = Decoder(noisy(CFG))
+    fast = Decoder(random_model(**CFG.model_dump()))
     with pytest.raises(ShapeError):
         fast.step(torch.tensor([1, 2]), RWKVState.fresh(CFG, 1))
     with pytest.raises(ShapeError):
@@ -106,7 +96,7 @@ def tok_model(data, tmp_path_factory):
     from rwkv_dist.data import Tokenizer
 
     tok = Tokenizer(Path(data).parent / "tokenizer")
-    model = noisy(RWKVConfig(n_layer=2, n_embd=32, vocab_size=tok.vocab_size))
+    model = random_model(n_layer=2, n_embd=32, vocab_size=tok.vocab_size)
     path = tmp_path_factory.mktemp("decode") / "model.pth"
     torch.save(model.state_dict(), path)
     return tok, model, path

@@ -12,25 +12,13 @@ import sys
 import pytest
 import torch
 
-from rwkv_dist.model import RWKV, RWKVConfig
+from rwkv_dist.model import RWKVConfig
 from rwkv_dist.parallel.common import training_loss
 from rwkv_dist.train.segmented import SegmentedRWKV
 
-from helpers import assert_redone_steps_are_bitwise, assert_same_training, assert_trains_like, assert_train_refuses, launch, losses, records, tiny, train, weights
+from helpers import assert_redone_steps_are_bitwise, assert_same_training, assert_trains_like, assert_train_refuses, launch, losses, random_model, records, tiny, train, weights
 
 L2WRAP = type("Loss", (), {"l2wrap": True})()
-
-
-def noisy(cfg: RWKVConfig, dtype=torch.float32) -> RWKV:
-    """The paper's init plus noise, so the zero-initialized matrices carry gradient through every path."""
-    torch.manual_seed(0)
-    model = RWKV(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.5 if p.dim() == 2 else 0.2))
-            if "time_mix" in name:
-                p.clamp_(0, 1)
-    return model.to(dtype)
 
 
 def gradients(model, x, y, segmented: bool):
@@ -42,7 +30,7 @@ def gradients(model, x, y, segmented: bool):
 @pytest.mark.parametrize("ctx, segment", [(4096, 256), (32, 1)])
 def test_segmented_loss_and_every_gradient_equal_the_whole_window(ctx, segment):
     cfg = RWKVConfig(n_layer=2, n_embd=32, vocab_size=64, ctx_len=ctx)
-    dense = noisy(cfg)
+    dense = random_model(**cfg.model_dump())
     seg = SegmentedRWKV(cfg, segment)
     seg.load_state_dict(dense.state_dict())
     g = torch.Generator().manual_seed(1)
@@ -62,11 +50,11 @@ def test_segmented_bf16_is_as_close_to_fp32_as_the_whole_window():
     cfg = RWKVConfig(n_layer=2, n_embd=32, vocab_size=64, ctx_len=512)
     g = torch.Generator().manual_seed(2)
     x, y = torch.randint(0, 64, (2, 512), generator=g), torch.randint(0, 64, (2, 512), generator=g)
-    fp32 = noisy(cfg)
+    fp32 = random_model(**cfg.model_dump())
     ref_loss, ref = gradients(fp32, x, y, segmented=False)
-    whole_loss, whole = gradients(noisy(cfg, torch.bfloat16), x, y, segmented=False)
+    whole_loss, whole = gradients(random_model(**cfg.model_dump()).to(torch.bfloat16), x, y, segmented=False)
     seg = SegmentedRWKV(cfg, 64).to(torch.bfloat16)
-    seg.load_state_dict(noisy(cfg, torch.bfloat16).state_dict())
+    seg.load_state_dict(random_model(**cfg.model_dump()).to(torch.bfloat16).state_dict())
     got_loss, got = gradients(seg, x, y, segmented=True)
     assert abs(got_loss - ref_loss) <= 2 * abs(whole_loss - ref_loss) + 1e-3
     for name in ref:
@@ -146,7 +134,7 @@ def test_evaluation_in_segments_scores_the_whole_window(data):
     """rwkv-dist eval runs long windows in segments that carry the state: the same loss as one forward per window."""
     from rwkv_dist.inference import evaluate
 
-    model = noisy(RWKVConfig(n_layer=2, n_embd=32, vocab_size=2048)).eval()
+    model = random_model(n_layer=2, n_embd=32, vocab_size=2048)
     whole, tokens = evaluate(model, data, ctx_len=256, batch_size=2, max_batches=2, segment_len=256)
     for segment in (64, 7):  # 7 does not divide 256: the last segment is shorter
         got, counted = evaluate(model, data, ctx_len=256, batch_size=2, max_batches=2, segment_len=segment)
@@ -253,7 +241,7 @@ def test_generation_reads_a_long_prompt_in_segments(data):
     from rwkv_dist.inference import sample
 
     tok = Tokenizer(Path(data).parent / "tokenizer")
-    model = noisy(RWKVConfig(n_layer=2, n_embd=32, vocab_size=2048)).eval()
+    model = random_model(n_layer=2, n_embd=32, vocab_size=2048)
     words = " ".join(f"def f{i}(x): return x + {i}" for i in range(400))
     prompt = tok.decode(tok.encode([words])[0][:3000])
     assert len(tok.encode([prompt])[0]) > 2048

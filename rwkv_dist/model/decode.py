@@ -19,31 +19,21 @@ never modifies the state it is given.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeError
 from .rwkv import RWKV, RWKVState, _check_tokens
 
-WEIGHTS = ("fp32",)
-
-
 class Decoder:
     """A model's weights packed for recurrent decoding; `step(tokens [B], state)` -> (logits [B, V] fp32, state)."""
 
-    def __init__(self, model: RWKV, weights: str = "fp32"):
-        if weights not in WEIGHTS:
-            raise ValueError(f"Decoder: weights must be one of {WEIGHTS}, got {weights!r}")
+    def __init__(self, model: RWKV):
         if type(model).block is not RWKV.block:
             raise ShapeError(f"Decoder: packs a plain RWKV model, got {type(model).__name__}")
         self.cfg = model.cfg
-        self.weights = weights
         self.eps = model.cfg.layer_norm_eps
         with torch.no_grad():
-            f32 = functools.partial(_packed, dtype=torch.float32)
-            mat = f32
             self.emb = f32(model.emb.weight)
             self.layers = []
             for block in model.blocks:
@@ -58,16 +48,16 @@ class Decoder:
                     "ffn_mu": f32(torch.stack([ffn.time_mix_k.flatten(), ffn.time_mix_r.flatten()])[:, None, :]),
                 }
                 # x @ W^T over contiguous [in, out] rows; key / value / receptance as one [3, D, D] bmm
-                layer["kvr"] = mat(torch.stack([att.key.weight.t(), att.value.weight.t(), att.receptance.weight.t()]))
-                layer["out"] = mat(att.output.weight.t())
-                layer["ffn_k"] = mat(ffn.key.weight.t())
-                layer["ffn_r"] = mat(ffn.receptance.weight.t())
-                layer["ffn_v"] = mat(ffn.value.weight.t())
+                layer["kvr"] = f32(torch.stack([att.key.weight.t(), att.value.weight.t(), att.receptance.weight.t()]))
+                layer["out"] = f32(att.output.weight.t())
+                layer["ffn_k"] = f32(ffn.key.weight.t())
+                layer["ffn_r"] = f32(ffn.receptance.weight.t())
+                layer["ffn_v"] = f32(ffn.value.weight.t())
                 if block.layer_id == 0:
                     layer["ln0"] = (f32(block.ln0.weight), f32(block.ln0.bias))
                 self.layers.append(layer)
             self.ln_out = (f32(model.ln_out.weight), f32(model.ln_out.bias))
-            self.head = mat(model.head.weight.t())
+            self.head = f32(model.head.weight.t())
 
     def weight_bytes(self) -> int:
         """Bytes of weights one step reads (every matrix and vector; one embedding row per token, not the table)."""
@@ -76,11 +66,6 @@ class Decoder:
             for value in layer.values():
                 tensors.extend(value if isinstance(value, tuple) else [value])
         return sum(t.numel() * t.element_size() for t in tensors) + self.emb.shape[1] * self.emb.element_size()
-
-    @staticmethod
-    def _mm(x: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
-        """x [B, in] fp32 -> x @ W^T [B, out] fp32."""
-        return torch.mm(x, w_t)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: RWKVState | None = None) -> tuple[torch.Tensor, RWKVState]:
@@ -111,15 +96,16 @@ class Decoder:
             f1, f2 = torch.exp(pw - q), torch.exp(k - q)
             torch.addcmul(f2 * v, f1, a, out=new.att_a[i])
             torch.addcmul(f2, f1, b, out=new.att_b[i])
-            x = x + self._mm(torch.sigmoid_(r).mul_(y), L["out"])
+            x = x + torch.mm(torch.sigmoid_(r).mul_(y), L["out"])
             xx = F.layer_norm(x, (D,), *L["ln2"], eps)
             new.ffn_shift[i].copy_(xx)
             xk, xr = torch.lerp(state.ffn_shift[i], xx, L["ffn_mu"])
-            kk = torch.relu_(self._mm(xk, L["ffn_k"])).square_()
-            x = x + torch.sigmoid_(self._mm(xr, L["ffn_r"])).mul_(self._mm(kk, L["ffn_v"]))
-        return self._mm(F.layer_norm(x, (D,), *self.ln_out, eps), self.head), new
+            kk = torch.relu_(torch.mm(xk, L["ffn_k"])).square_()
+            x = x + torch.sigmoid_(torch.mm(xr, L["ffn_r"])).mul_(torch.mm(kk, L["ffn_v"]))
+        return torch.mm(F.layer_norm(x, (D,), *self.ln_out, eps), self.head), new
 
 
-def _packed(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t.detach().to(device="cpu", dtype=dtype).contiguous().clone()
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """A packed copy: fp32, on the CPU, contiguous in its current layout (so a transposed view becomes [in, out])."""
+    return t.detach().to(device="cpu", dtype=torch.float32).clone(memory_format=torch.contiguous_format)
 
