@@ -159,10 +159,7 @@ class SourceCursor:
     def _token_stream(self, eod: int) -> np.ndarray:
         """The loaded shard's documents, each followed by eod, as one array (one vectorized copy per shard)."""
         if self._stream is None:
-            end = np.array([eod], dtype=self._docs[0].dtype)
-            pieces = [end] * (2 * len(self._docs))
-            pieces[::2] = self._docs
-            self._stream, self._stream_eod, self._docs = np.concatenate(pieces), eod, None
+            self._stream, self._stream_eod, self._docs = token_stream(self._docs, eod), eod, None
         elif self._stream_eod != eod:
             self._stream[np.array(self._starts[1:]) - 1] = eod
             self._stream_eod = eod
@@ -188,6 +185,15 @@ class SourceCursor:
         self._load()
         out[n - 1] = self._token_stream(eod)[self._starts[self.doc] + self.tok]  # peek
         return out
+
+
+def token_stream(docs: list[np.ndarray], eod: int) -> np.ndarray:
+    """The documents, each followed by the end-of-document token, as one array (one copy)."""
+    if not docs:
+        return np.empty(0, dtype=np.int64)
+    pieces = [np.array([eod], dtype=docs[0].dtype)] * (2 * len(docs))
+    pieces[::2] = docs
+    return np.concatenate(pieces)
 
 
 class _ConsumerStream:
@@ -402,11 +408,8 @@ def validation_batches(location: str, ctx_len: int, batch_size: int, rank: int =
     rows: list[np.ndarray] = []
     produced = 0
     for entry in entries[rank::world_size]:
-        docs = read_shard(location, manifest, entry)
-        end = np.array([eod], dtype=np.int64)
-        pieces = [end] * (2 * len(docs))
-        pieces[::2] = docs
-        stream = np.concatenate([carry, *pieces]).astype(np.int64, copy=False)
+        stream = np.concatenate([carry, token_stream(read_shard(location, manifest, entry), eod)]).astype(
+            np.int64, copy=False)
         count = (len(stream) - 1) // ctx_len if len(stream) > ctx_len else 0
         if count:
             rows.extend(np.lib.stride_tricks.sliding_window_view(stream, ctx_len + 1)[: count * ctx_len : ctx_len])
