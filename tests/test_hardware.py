@@ -4,7 +4,9 @@ MFU (the GPU datasheet keys; the CPU measurement itself)."""
 from __future__ import annotations
 
 import ast
+import os
 import re
+import subprocess
 import sys
 import time
 import tomllib
@@ -13,7 +15,8 @@ from importlib.metadata import packages_distributions
 import pytest
 import torch
 
-from rwkv_dist.train.hardware import choose_precision, cpu_has_native_bf16, datasheet_peak, detect_peak_flops, mfu
+from rwkv_dist.train.hardware import (choose_precision, cpu_bf16_speedup, cpu_has_native_bf16, datasheet_peak,
+                                      detect_peak_flops, mfu)
 
 
 def test_every_third_party_import_of_the_package_is_a_declared_dependency(repo):
@@ -93,10 +96,28 @@ def test_mfu_above_one_is_unknown_not_a_number():
 def test_precision_auto_picks_native_bf16_only():
     native, feature = cpu_has_native_bf16()
     precision, why = choose_precision("auto", torch.device("cpu"))
-    assert precision == ("bf16" if native else "fp32") and feature in why
+    assert feature in why
+    if native:  # the flags are confirmed by timing bf16 against fp32: bf16 only where it is the faster
+        assert precision == ("bf16" if cpu_bf16_speedup() > 1.0 else "fp32") and "measured" in why
+    else:
+        assert precision == "fp32"
     assert choose_precision("bf16", torch.device("cpu")) == ("bf16", "set in the config")
     assert choose_precision("fp32", torch.device("cpu"))[0] == "fp32"
     assert choose_precision("auto", torch.device("cpu"), resumed="bf16")[0] == "bf16"  # a checkpoint keeps its own
+
+
+def test_precision_auto_is_fp32_where_the_math_library_emulates_bf16():
+    """A CPU whose flags say AVX-512 BF16 but whose oneDNN is held to AVX2 (as in some VMs and old builds) computes
+    bf16 ~80x slower than fp32: `auto` must notice from the timing, not trust the flags. On a CPU without the flags
+    the answer is fp32 for the flags' reason; either way never bf16."""
+    script = ("import torch; from rwkv_dist.train.hardware import choose_precision; "
+              "print(*choose_precision('auto', torch.device('cpu')), sep='|')")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    precision, why = out.stdout.strip().splitlines()[-1].split("|")
+    assert precision == "fp32", why
+    native, feature = cpu_has_native_bf16()
+    assert (f"reports {feature}" in why and "measured" in why) if native else feature in why
 
 
 @pytest.mark.gpu

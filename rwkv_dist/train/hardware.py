@@ -1,8 +1,10 @@
 """What the device can do: the precision to train in, and its peak FLOP/s (the denominator of MFU).
 
 Precision `auto` trains in bf16 only where the device computes it natively: CUDA GPUs of compute capability >= 8.0
-(Ampere and later) and x86 CPUs with AVX-512 BF16 or AMX. Elsewhere bf16 is emulated: on an AVX2-only CPU torch's bf16
-matmul runs ~50x slower than fp32, so fp32 is both faster and more exact there.
+(Ampere and later) and x86 CPUs with AVX-512 BF16 or AMX whose bf16 matmul, timed beside fp32 at start-up, is the faster
+of the two. Elsewhere bf16 is emulated: on an AVX2-only CPU torch's bf16 matmul runs ~50x slower than fp32, so fp32 is
+both faster and more exact there. The flags alone are not enough: a VM can report AVX-512 BF16 while the math
+libraries are held to AVX2 (ONEDNN_MAX_CPU_ISA, an old oneDNN), and bf16 then runs at ~1/80 of fp32.
 
 The peak comes from a datasheet table (dense, no sparsity; per precision) when the GPU is known, otherwise it is
 measured: square matmuls of n = 512 .. 2048 in the run's dtype on the process's threads, the best rate of several timed
@@ -31,9 +33,18 @@ def cpu_has_native_bf16() -> tuple[bool, str]:
     return False, "no AVX-512 BF16 or AMX"
 
 
+def cpu_bf16_speedup(n: int = 256) -> float:
+    """bf16 / fp32 matmul FLOP/s on this process's threads (n x n, ~0.15 s): > 1 where bf16 really is native."""
+    cpu = torch.device("cpu")
+    bf16, _ = measure_matmul_flops(cpu, torch.bfloat16, sizes=(n,), window_s=0.03)
+    fp32, _ = measure_matmul_flops(cpu, torch.float32, sizes=(n,), window_s=0.03)
+    return bf16 / fp32
+
+
 def choose_precision(requested: str, device: torch.device, resumed: str | None = None) -> tuple[str, str]:
     """(bf16 | fp32, why). `resumed` is the precision of the checkpoint being resumed: `auto` keeps it, since a
-    DeepSpeed checkpoint only loads into an engine of the same precision."""
+    DeepSpeed checkpoint only loads into an engine of the same precision. On a CPU `auto` times matmuls: call it on
+    one rank and share the answer (ranks timing at once share the cores, and could disagree)."""
     if requested != "auto":
         return requested, "set in the config"
     if resumed is not None:
@@ -46,7 +57,11 @@ def choose_precision(requested: str, device: torch.device, resumed: str | None =
         return FP32, f"auto: {name} (compute capability {major}.{minor}) has no native bf16"
     native, feature = cpu_has_native_bf16()
     if native:
-        return BF16, f"auto: this CPU has {feature}, native bf16"
+        speedup = cpu_bf16_speedup()
+        if speedup > 1.0:
+            return BF16, f"auto: this CPU has {feature}, native bf16 (bf16 matmul {speedup:.1f}x fp32, measured)"
+        return FP32, (f"auto: this CPU reports {feature}, but its bf16 matmul ran at {speedup:.2f}x fp32 (measured; "
+                      "the math library does not use it), so fp32")
     return FP32, f"auto: this CPU has {feature}; bf16 would be emulated (many times slower than fp32)"
 
 

@@ -78,8 +78,10 @@ class Trainer:
         self.store = CheckpointStore(self.out / "checkpoints")
         self.resume_from = self._resolve_resume(cfg.checkpoint.resume if resume is None else resume)
         saved = self._saved_config(self.resume_from) if self.resume_from is not None else None
-        precision, self.precision_reason = choose_precision(cfg.precision, self.world.device,
-                                                            saved["precision"] if saved else None)
+        # decided by rank 0 for all: on a CPU `auto` times matmuls, which ranks doing at once could read differently
+        chosen = choose_precision(cfg.precision, self.world.device, saved["precision"] if saved else None) \
+            if self.world.is_main else None
+        precision, self.precision_reason = self.world.broadcast_object(chosen)
         self.cfg = cfg = cfg.model_copy(update={"precision": precision})
         load_from = None
         if saved is not None:
