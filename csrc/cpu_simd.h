@@ -112,24 +112,24 @@ WKV_INLINE void store(F* p, vf x, int n) {
 }  // namespace wkv4cpu
 
 #ifndef WKV4_NO_TORCH
-#include <torch/extension.h>
+#include "cpu_torch.h"
 
 namespace wkv4cpu {
 static_assert(sizeof(Bf16) == sizeof(at::BFloat16) && sizeof(Fp16) == sizeof(at::Half));
 
 // Calls fn(F{}) with F the kernels' storage type for a tensor's dtype.
 template <class Fn>
-void dispatch(const char* op, torch::ScalarType dtype, Fn fn) {
+void dispatch(const char* op, at::ScalarType dtype, Fn fn) {
     switch (dtype) {
-        case torch::kFloat: return fn(float{});
-        case torch::kBFloat16: return fn(Bf16{});
-        case torch::kHalf: return fn(Fp16{});
+        case at::kFloat: return fn(float{});
+        case at::kBFloat16: return fn(Bf16{});
+        case at::kHalf: return fn(Fp16{});
         default: TORCH_CHECK(false, op, ": tensors must be float32, bfloat16 or float16, got ", dtype);
     }
 }
 
 template <class F>
-F* ptr(const torch::Tensor& t) {
+F* ptr(const at::Tensor& t) {
     return reinterpret_cast<F*>(t.data_ptr());
 }
 }  // namespace wkv4cpu

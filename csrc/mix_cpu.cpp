@@ -159,20 +159,21 @@ void sigmoid_gate_backward(const F* r, const F* y, const F* g, F* gr, F* gy, int
 }  // namespace mixcpu
 
 // ---- Python-facing wrappers (shapes and dtypes are validated in rwkv_dist/ops/mixing.py; these guard memory) -------
-namespace {
+#include "cpu_ops.h"
+
+namespace cpuops {
 
 using wkv4cpu::dispatch;
 using wkv4cpu::ptr;
-using Tensor = torch::Tensor;
 
 template <class F>
 mixcpu::Mix<F> mix_args(const Tensor& x, const std::optional<Tensor>& last, const Tensor& mu) {
     TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "mix: x must be a contiguous [B, T, D] tensor");
     const int64_t B = x.size(0), T = x.size(1), D = x.size(2);
-    TORCH_CHECK(mu.scalar_type() == torch::kFloat && mu.is_contiguous() && mu.dim() == 2 && mu.size(1) == D,
+    TORCH_CHECK(mu.scalar_type() == at::kFloat && mu.is_contiguous() && mu.dim() == 2 && mu.size(1) == D,
                 "mix: mu must be a contiguous float32 [N, D] tensor");
     if (last) {
-        TORCH_CHECK(last->scalar_type() == torch::kFloat && last->is_contiguous() && last->numel() == B * D,
+        TORCH_CHECK(last->scalar_type() == at::kFloat && last->is_contiguous() && last->numel() == B * D,
                     "mix: last must be a contiguous float32 [B, D] tensor");
     }
     return {ptr<F>(x), last ? ptr<float>(*last) : nullptr, ptr<float>(mu), static_cast<int>(mu.size(0)), B, T, D};
@@ -180,7 +181,7 @@ mixcpu::Mix<F> mix_args(const Tensor& x, const std::optional<Tensor>& last, cons
 
 std::vector<Tensor> mix_forward(Tensor x, std::optional<Tensor> last, Tensor mu) {
     std::vector<Tensor> out;
-    for (int64_t i = 0; i < mu.size(0); ++i) out.push_back(torch::empty_like(x));
+    for (int64_t i = 0; i < mu.size(0); ++i) out.push_back(at::empty_like(x));
     dispatch("mix", x.scalar_type(), [&](auto tag) {
         using F = decltype(tag);
         std::vector<F*> out_ptrs;
@@ -195,9 +196,9 @@ std::vector<Tensor> mix_backward(Tensor x, std::optional<Tensor> last, Tensor mu
     TORCH_CHECK(static_cast<int64_t>(grads.size()) == mu.size(0), "mix: one gradient per mix");
     for (auto& g : grads)
         TORCH_CHECK(g.sizes() == x.sizes() && g.scalar_type() == x.scalar_type() && g.is_contiguous(), "mix: bad grad");
-    auto gx = torch::empty_like(x);
-    auto g_last = last ? torch::empty_like(*last) : torch::empty({0}, mu.options());
-    auto g_mu = torch::empty_like(mu);
+    auto gx = at::empty_like(x);
+    auto g_last = last ? at::empty_like(*last) : at::empty({0}, mu.options());
+    auto g_mu = at::empty_like(mu);
     dispatch("mix", x.scalar_type(), [&](auto tag) {
         using F = decltype(tag);
         std::vector<const F*> g_ptrs;
@@ -216,7 +217,7 @@ std::vector<Tensor> elementwise(const char* op, const std::vector<Tensor>& input
         TORCH_CHECK(t.is_contiguous() && t.sizes() == inputs[0].sizes() && t.scalar_type() == inputs[0].scalar_type(),
                     op, ": tensors must be contiguous, of one shape and dtype");
     std::vector<Tensor> out;
-    for (int i = 0; i < n_outputs; ++i) out.push_back(torch::empty_like(inputs[0]));
+    for (int i = 0; i < n_outputs; ++i) out.push_back(at::empty_like(inputs[0]));
     dispatch(op, inputs[0].scalar_type(), [&](auto tag) { fn(tag, out); });
     return out;
 }
@@ -249,13 +250,4 @@ std::vector<Tensor> sigmoid_gate_backward(Tensor r, Tensor y, Tensor g) {  // ->
     });
 }
 
-}  // namespace
-
-void register_mix_ops(pybind11::module_& m) {
-    m.def("mix_forward", &mix_forward, "token shift + mixes: (x[B,T,D], last[B,D] or None, mu[N,D]) -> N outputs");
-    m.def("mix_backward", &mix_backward, "(x, last, mu, grads) -> (gx, g_last, g_mu)");
-    m.def("squared_relu_forward", &squared_relu_forward, "max(x, 0)^2");
-    m.def("squared_relu_backward", &squared_relu_backward, "(x, g) -> gx");
-    m.def("sigmoid_gate_forward", &sigmoid_gate_forward, "sigmoid(r) * y");
-    m.def("sigmoid_gate_backward", &sigmoid_gate_backward, "(r, y, g) -> (gr, gy)");
-}
+}  // namespace cpuops

@@ -20,7 +20,9 @@
 #endif
 
 #ifndef WKV4_NO_TORCH
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include "cpu_ops.h"
 #endif
 
 #include "cpu_simd.h"
@@ -309,21 +311,21 @@ using wkv4cpu::ptr;
 
 // Python-facing wrappers. Shapes and dtypes are validated in rwkv_dist/ops/wkv.py before the call; the checks here only
 // guard memory safety. States travel as one float32 tensor [3, B, C] (a, b, p).
-void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k, const torch::Tensor& v) {
+void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k, const at::Tensor& v) {
     TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(), "wkv4: bad k/v");
     TORCH_CHECK(k.is_contiguous() && v.is_contiguous() && w.is_contiguous() && u.is_contiguous(), "wkv4: not contiguous");
-    TORCH_CHECK(w.scalar_type() == torch::kFloat && u.scalar_type() == torch::kFloat, "wkv4: w/u must be float32");
+    TORCH_CHECK(w.scalar_type() == at::kFloat && u.scalar_type() == at::kFloat, "wkv4: w/u must be float32");
     TORCH_CHECK(w.numel() == k.size(2) && u.numel() == k.size(2), "wkv4: w/u must have C elements");
 }
 
-std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v, torch::Tensor s0,
+std::vector<at::Tensor> forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v, at::Tensor s0,
                                    bool save_for_backward) {
     check_inputs(w, u, k, v);
     const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
-    TORCH_CHECK(s0.scalar_type() == torch::kFloat && s0.is_contiguous() && s0.numel() == 3 * B * C, "wkv4: bad state");
-    auto y = torch::empty_like(v);
-    auto s_out = torch::empty({3, B, C}, s0.options());
-    auto ckpt = torch::empty({3, B, save_for_backward ? wkv4::num_checkpoints(T) : 0, C}, s0.options());
+    TORCH_CHECK(s0.scalar_type() == at::kFloat && s0.is_contiguous() && s0.numel() == 3 * B * C, "wkv4: bad state");
+    auto y = at::empty_like(v);
+    auto s_out = at::empty({3, B, C}, s0.options());
+    auto ckpt = at::empty({3, B, save_for_backward ? wkv4::num_checkpoints(T) : 0, C}, s0.options());
     dispatch("wkv4", k.scalar_type(), [&](auto tag) {
         using F = decltype(tag);
         wkv4cpu::forward_kernel(Forward<F>{ptr<float>(w), ptr<float>(u), ptr<F>(k), ptr<F>(v), ptr<float>(s0), ptr<F>(y),
@@ -332,20 +334,20 @@ std::vector<torch::Tensor> forward(torch::Tensor w, torch::Tensor u, torch::Tens
     return {y, s_out, ckpt};
 }
 
-std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v, torch::Tensor gy,
-                                    torch::Tensor ckpt, torch::Tensor s_last, torch::Tensor g_last) {
+std::vector<at::Tensor> backward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v, at::Tensor gy,
+                                    at::Tensor ckpt, at::Tensor s_last, at::Tensor g_last) {
     check_inputs(w, u, k, v);
     const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
     TORCH_CHECK(gy.sizes() == k.sizes() && gy.scalar_type() == k.scalar_type() && gy.is_contiguous(), "wkv4: bad gy");
     TORCH_CHECK(ckpt.numel() == 3 * B * wkv4::num_checkpoints(T) * C && ckpt.is_contiguous(), "wkv4: bad checkpoints");
-    TORCH_CHECK(ckpt.scalar_type() == torch::kFloat, "wkv4: bad checkpoints");
+    TORCH_CHECK(ckpt.scalar_type() == at::kFloat, "wkv4: bad checkpoints");
     TORCH_CHECK(s_last.numel() == 3 * B * C && g_last.numel() == 3 * B * C && g_last.is_contiguous() &&
-                    s_last.is_contiguous() && s_last.scalar_type() == torch::kFloat &&
-                    g_last.scalar_type() == torch::kFloat,
+                    s_last.is_contiguous() && s_last.scalar_type() == at::kFloat &&
+                    g_last.scalar_type() == at::kFloat,
                 "wkv4: bad state");
-    auto gk = torch::empty_like(k), gv = torch::empty_like(v);
-    auto gw = torch::empty({B, C}, w.options()), gu = torch::empty({B, C}, w.options());
-    auto g_s0 = torch::empty({3, B, C}, w.options());
+    auto gk = at::empty_like(k), gv = at::empty_like(v);
+    auto gw = at::empty({B, C}, w.options()), gu = at::empty({B, C}, w.options());
+    auto g_s0 = at::empty({3, B, C}, w.options());
     dispatch("wkv4", k.scalar_type(), [&](auto tag) {
         using F = decltype(tag);
         wkv4cpu::backward_kernel(Backward<F>{ptr<float>(w), ptr<float>(u), ptr<F>(k), ptr<F>(v), ptr<F>(gy),
@@ -357,13 +359,18 @@ std::vector<torch::Tensor> backward(torch::Tensor w, torch::Tensor u, torch::Ten
 
 }  // namespace
 
-void register_mix_ops(pybind11::module_& m);  // mix_cpu.cpp
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "RWKV-4 WKV forward/backward on CPU (OpenMP, SIMD over channels, fp32 math)";
     m.def("forward", &forward, "WKV forward: (w, u, k, v, state[3,B,C], save_for_backward) -> (y, state, checkpoints)");
     m.def("backward", &backward, "WKV backward: (w, u, k, v, gy, checkpoints, state_T, g_state_T) -> (gw, gu, gk, gv, g_state0)");
     m.attr("checkpoint_every") = wkv4::kCheckpointEvery;
-    register_mix_ops(m);
+    m.def("mix_forward", &cpuops::mix_forward, "token shift + mixes: (x[B,T,D], last[B,D] or None, mu[N,D]) -> N outputs");
+    m.def("mix_backward", &cpuops::mix_backward, "(x, last, mu, grads) -> (gx, g_last, g_mu)");
+    m.def("squared_relu_forward", &cpuops::squared_relu_forward, "max(x, 0)^2");
+    m.def("squared_relu_backward", &cpuops::squared_relu_backward, "(x, g) -> gx");
+    m.def("sigmoid_gate_forward", &cpuops::sigmoid_gate_forward, "sigmoid(r) * y");
+    m.def("sigmoid_gate_backward", &cpuops::sigmoid_gate_backward, "(r, y, g) -> (gr, gy)");
+    m.def("gemv", &cpuops::gemv, "y[g,b,o] = scale[g,o] * sum_i x[g,b,i] w[g,o,i]: x fp32, w fp32/bf16/int8, fp32 math",
+          pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scale") = pybind11::none());
 }
 #endif

@@ -83,7 +83,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if tokenizer is None:
         raise CheckpointError(f"{args.checkpoint}: a weights file carries no tokenizer; pass --tokenizer")
     texts = sample_many(model, tokenizer, args.prompt, args.max_tokens, args.num_samples, args.temperature, args.top_p,
-                        args.seed)
+                        args.seed, weights=args.weights)
     for i, text in enumerate(texts):
         if args.num_samples > 1:
             print(f"--- sample {i} (seed {args.seed + i}) ---")
@@ -412,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=_positive(int, "--num-samples"), default=1,
                    help="continuations decoded together as one batch; sample i uses seed SEED+i, the text a "
                         "1-sample run with --seed SEED+i prints (default 1)")
+    p.add_argument("--weights", choices=["fp32", "bf16", "int8"], default="fp32",  # model.decode.WEIGHT_FORMATS
+                   help="how decoding stores the matrices: fp32 (default), or bf16 / int8 (per-row scale) read at "
+                        "half / a quarter of the bytes, with fp32 math (CPU)")
     p.add_argument("--tokenizer", help="tokenizer.model (default: the checkpoint's)")
     p.set_defaults(func=cmd_generate)
 

@@ -48,11 +48,11 @@ def sample(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, temperature: 
 
 @torch.no_grad()
 def sample_many(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, num_samples: int, temperature: float = 0.8,
-                top_p: float = 0.9, seed: int = 0, prefill_len: int = 1024) -> list[str]:
+                top_p: float = 0.9, seed: int = 0, prefill_len: int = 1024, weights: str = "fp32") -> list[str]:
     """`num_samples` continuations of `prompt`, decoded together as one batch (one weight read per token for all).
     Sample i draws from its own generator seeded `seed + i`, so it is the text `sample(..., seed=seed + i)` gives
     alone. The prompt is read once and its state copied to every sample; decoding runs on rwkv_dist.model.decode's
-    Decoder (the weights packed for matrix-vector products)."""
+    Decoder (the weights packed for matrix-vector products, stored as `weights`: fp32, bf16 or int8)."""
     gens = [torch.Generator().manual_seed(seed + i) for i in range(num_samples)]
     ids = tokenizer.encode([prompt])[0] or [tokenizer.eod_id]  # an empty prompt starts a new document
     state = None
@@ -60,7 +60,7 @@ def sample_many(model: RWKV, tokenizer: Tokenizer, prompt: str, n: int, num_samp
         logits, state = model(torch.tensor([ids[start:start + prefill_len]]), state, return_state=True)
     logits = logits[:, -1].expand(num_samples, -1)
     state = RWKVState(*(s.expand(-1, num_samples, -1).contiguous() for s in state))
-    step = Decoder(model).step
+    step = Decoder(model, weights).step
     out = [[] for _ in range(num_samples)]
     for _ in range(n):
         tokens = [next_token(row, temperature, top_p, gen) for row, gen in zip(logits, gens)]

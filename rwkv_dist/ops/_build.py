@@ -19,7 +19,8 @@ def _cache_dir() -> str:
 
 @functools.cache
 def cpu_extension():
-    """The OpenMP CPU kernels (csrc/wkv4_cpu.cpp: WKV; csrc/mix_cpu.cpp: a block's elementwise ops), one extension;
+    """The OpenMP CPU kernels (csrc/wkv4_cpu.cpp: WKV; csrc/mix_cpu.cpp: a block's elementwise ops; csrc/gemv_cpu.cpp:
+    decoding's matrix-vector products over bf16/int8 weights), one extension;
     about 30 s to build the first time, then loaded from the cache.
 
     The kernel is written with explicit SIMD vectors (GCC vector extensions) and its own inlined exp, so it needs no
@@ -34,7 +35,7 @@ def cpu_extension():
     name = "rwkv_dist_wkv4_cpu"
     return load(
         name=name,
-        sources=[str(CSRC / "wkv4_cpu.cpp"), str(CSRC / "mix_cpu.cpp")],
+        sources=[str(CSRC / "wkv4_cpu.cpp"), str(CSRC / "mix_cpu.cpp"), str(CSRC / "gemv_cpu.cpp")],
         extra_include_paths=[str(CSRC)],
         extra_cflags=["-O3", "-fopenmp", f"-march={march}", "-fno-math-errno", "-fno-trapping-math"],
         extra_ldflags=["-fopenmp"],
