@@ -7,9 +7,9 @@ with the paper's initialization; ours as rwkv_dist.model.decode.Decoder (weights
 products) and, as the "before" column, `RWKV.step` after `RWKV.for_decoding()`; theirs after its load-time weight
 conversion; all on the same weights. "Decoder GB/s" is the fp32 decoder's effective weight bandwidth (bytes of
 weights read per token x tok/s). The bf16 / int8 columns are the same Decoder storing its matrices narrower (fp32
-math, csrc/gemv_cpu.cpp), against the pip package in fp32. Each context length is first prefilled (our parallel mode / their sequence mode), then
---tokens tokens are decoded one at a time; the decode rate is what is compared. An RNN's step costs the same at any
-context, so both columns should be flat.
+math, csrc/gemv_cpu.cpp), against the pip package in fp32. Each context length is first prefilled (our parallel
+mode / their sequence mode), then --tokens tokens are decoded one at a time; the decode rate is what is compared. An
+RNN's step costs the same at any context, so every column should be flat.
 """
 
 from __future__ import annotations
