@@ -71,6 +71,21 @@ def test_world_sum_moves_tensors_to_the_communication_device():
     assert world.on_device(torch.ones(2)).device.type == "meta"  # what a CUDA world does with a CPU tensor
 
 
+def test_setup_does_not_build_deepspeeds_inference_shm_op(tmp_path):
+    """distributed.setup() joins DeepSpeed's comm layer without JIT-building its shared-memory all-reduce op (~30 s of
+    a first run, used only by DeepSpeed inference): nothing lands in a fresh TORCH_EXTENSIONS_DIR, and collectives
+    still work."""
+    code = ("from rwkv_dist.train.distributed import setup; import torch, deepspeed.comm.comm as c, torch.distributed as d;"
+            "w = setup(); t = torch.ones(1); d.all_reduce(t); print(c.cdb.shm_comm_op, w.size, t.item())")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "DS_ACCELERATOR": "cpu"}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["None", "1", "1.0"], done.stdout
+    assert "built successfully" not in done.stdout + done.stderr
+    assert not any((tmp_path / "ext").glob("*shm*"))
+
+
 def test_each_rank_checks_only_the_checkpoint_files_it_loads(runs):
     from rwkv_dist.train.checkpoint import pickle_files, rank_files
 

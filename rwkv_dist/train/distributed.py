@@ -83,6 +83,10 @@ def setup() -> World:
 
     # the trainer chooses torch's AdamW on purpose (bit-exact resume); DeepSpeed warns about it on every start
     deepspeed_logger.addFilter(lambda record: "untested optimizer" not in record.getMessage())
+    # DeepSpeed's comm layer JIT-builds a shared-memory all-reduce op at init on CPU (~30 s of a first run's wall time
+    # and GBs of RAM, per cache) that only its inference tensor parallelism (`inference_all_reduce`) calls; training's
+    # collectives go through torch.distributed. Marked incompatible, the op is not built (build_shm_op returns None).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # also when a launcher (Ray Train) already formed the group: DeepSpeed's own comm layer must wrap it, or its config
     # checks (ZeRO-3 construction) see a world of one
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
