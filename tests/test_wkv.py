@@ -307,11 +307,13 @@ def test_low_precision_inputs_match_closed_form(dtype):
 def test_avx2_and_generic_builds_match_closed_form(march):
     """The kernel is plain C++ on GCC vectors, compiled for the building CPU (-march=native, AVX-512 here). The
     machines it targets may have only AVX2 (x86-64-v3) or nothing beyond SSE2 (x86-64): build it for those and rerun
-    the float64-reference tests of this file in a fresh interpreter (about 40 s each, mostly the build)."""
+    the float64-reference tests of this file in a fresh interpreter (about 40 s each, mostly the build), with the
+    decoder's matrix-vector kernel's (its int8 widening has an AVX2 path and a generic one)."""
     env = {**os.environ, "RWKV_DIST_WKV_CPU_MARCH": march}
-    tests = ("(closed_form or non_finite or segments or low_precision or backends_agree) and not reference and not long_seq"
-             " and not builds_match")  # not this test itself (its name matches closed_form)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+    tests = ("(closed_form or non_finite or segments or low_precision or backends_agree or gemv_kernel) and not reference"
+             " and not long_seq and not builds_match")  # not this test itself (its name matches closed_form)
+    files = [__file__, str(Path(__file__).with_name("test_decode.py"))]
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", tests],
                           capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout, done.stdout[-2000:]
