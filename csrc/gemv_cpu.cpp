@@ -1,9 +1,10 @@
 // Matrix-vector products for recurrent decoding on CPU, with the weights stored narrower than the math:
 //   y[g, b, o] = scale[g, o] * sum_i x[g, b, i] W[g, o, i]       (scale = 1 when none is given)
 // W [G, out, in] in fp32, bf16 or int8 (int8 with a per-output-row scale), x [G, B, in] fp32, y [G, B, out] fp32; every
-// product and sum is fp32. A batch-1 decode step is bound by the rate the weights stream from memory; torch's CPU
-// bf16 and int8 products do not read narrow weights faster than fp32 ones (bench/results/decode.txt), this does:
-// each weight is widened in registers and used by every batch row while its W row sits in L1.
+// product and sum is fp32. A batch-1 decode step is bound by the rate the weights stream from memory: torch's CPU
+// products streamed fp32 weights at ~25 GB/s on the decode shapes and did not read bf16 / int8 ones any faster
+// (bench/results/decode.txt); here each W row is read once, contiguously, widened in registers and used by every
+// batch row while it sits in L1 (~40 GB/s measured, at 1/2 or 1/4 of the bytes for bf16 / int8).
 // G groups share one call (TimeMix's key / value / receptance, each with its own input), so one OpenMP split covers
 // all G * out rows. Each y element is one thread's dot product in a fixed order: results repeat bitwise.
 #include <algorithm>
@@ -28,27 +29,25 @@ using wkv4cpu::vf;
 typedef int8_t vi8 __attribute__((vector_size(kWidth)));
 
 template <class W>
-struct Widen {  // kWidth weights -> fp32 lanes; one weight -> float
+struct Widen {  // kWidth weights -> fp32 lanes (Io's conversions); one weight -> float
     static WKV_INLINE vf lanes(const W* p) { return Io<W>::load(p); }
     static WKV_INLINE float one(W w) { return w; }
 };
 template <>
-struct Widen<Bf16> {
-    static WKV_INLINE vf lanes(const Bf16* p) { return Io<Bf16>::load(p); }
-    static WKV_INLINE float one(Bf16 w) {
-        const uint32_t bits = uint32_t(w.bits) << 16;
-        float f;
-        std::memcpy(&f, &bits, sizeof f);
-        return f;
-    }
-};
+WKV_INLINE float Widen<Bf16>::one(Bf16 w) {
+    const uint32_t bits = uint32_t(w.bits) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+}
 template <>
 struct Widen<int8_t> {
     static WKV_INLINE vf lanes(const int8_t* p) {
 #ifdef __AVX2__  // GCC turns the generic conversion below into 8 scalar ones (~7x slower than the weights stream)
         static_assert(kWidth == 8);
         vf out;
-        const __m256 wide = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+        const __m256 wide = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
         std::memcpy(&out, &wide, sizeof out);
         return out;
 #else

@@ -319,7 +319,7 @@ void check_inputs(const at::Tensor& w, const at::Tensor& u, const at::Tensor& k,
 }
 
 std::vector<at::Tensor> forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v, at::Tensor s0,
-                                   bool save_for_backward) {
+                                bool save_for_backward) {
     check_inputs(w, u, k, v);
     const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
     TORCH_CHECK(s0.scalar_type() == at::kFloat && s0.is_contiguous() && s0.numel() == 3 * B * C, "wkv4: bad state");
@@ -335,7 +335,7 @@ std::vector<at::Tensor> forward(at::Tensor w, at::Tensor u, at::Tensor k, at::Te
 }
 
 std::vector<at::Tensor> backward(at::Tensor w, at::Tensor u, at::Tensor k, at::Tensor v, at::Tensor gy,
-                                    at::Tensor ckpt, at::Tensor s_last, at::Tensor g_last) {
+                                 at::Tensor ckpt, at::Tensor s_last, at::Tensor g_last) {
     check_inputs(w, u, k, v);
     const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
     TORCH_CHECK(gy.sizes() == k.sizes() && gy.scalar_type() == k.scalar_type() && gy.is_contiguous(), "wkv4: bad gy");

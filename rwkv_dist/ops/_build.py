@@ -20,8 +20,8 @@ def _cache_dir() -> str:
 @functools.cache
 def cpu_extension():
     """The OpenMP CPU kernels (csrc/wkv4_cpu.cpp: WKV; csrc/mix_cpu.cpp: a block's elementwise ops; csrc/gemv_cpu.cpp:
-    decoding's matrix-vector products over bf16/int8 weights), one extension;
-    about 30 s to build the first time, then loaded from the cache.
+    decoding's matrix-vector products over fp32/bf16/int8 weights), one extension; about 15 s to build on 2 cores the
+    first time (only wkv4_cpu.cpp includes torch's Python glue, see csrc/cpu_torch.h), then loaded from the cache.
 
     The kernel is written with explicit SIMD vectors (GCC vector extensions) and its own inlined exp, so it needs no
     -ffast-math; it must not have it: NaN/inf inputs have to propagate, which -ffinite-math-only would break.
