@@ -15,6 +15,8 @@ both pay ~6N for their matmul weights, but attention adds 12*L*T*D per token whi
 That 12*L*T*D is the full T x T score matrix; a causal kernel (SDPA's flash path on CPU) computes only its lower
 triangle, 6*L*T*D, so the "causal FLOP ratio" column is the one a GPT's real work is measured by: a tokens/s ratio
 above it means RWKV runs at more FLOP/s than the GPT.
+Both models run under the trainer's allocator setting (rwkv_dist.train.hardware.keep_freed_cpu_memory: freed
+activations are reused instead of page-faulted in fresh each step); --default-malloc leaves glibc's defaults.
 On a machine whose cores are shared with other work, every multi-threaded op waits for its slowest thread, which hurts
 the model with more small ops (RWKV's elementwise mixing) most; compare a run with --threads 1 before reading much
 into the ratio.
@@ -36,6 +38,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from rwkv_dist.model import RWKV, RWKVConfig  # noqa: E402
+from rwkv_dist.train.hardware import keep_freed_cpu_memory  # noqa: E402
 
 # WKV forward + backward (which recomputes the forward from checkpoints), elementwise ops per token, layer and channel,
 # counting exp, max and division as one each. Rough, and tiny next to the matmuls; it is here to show it is O(L*D).
@@ -135,11 +138,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1, help="training steps per timed round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: this process's cores")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (the trainer, and by default this bench, keep freed memory)")
     parser.add_argument("--gpt-mlp-ratio", type=float, default=4.0, help="GPT MLP width / D; 4.5 matches RWKV's 13 D^2")
     args = parser.parse_args()
     L, D, V = args.n_layer, args.n_embd, args.vocab
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(args.threads or cores)
+    kept = not args.default_malloc and keep_freed_cpu_memory()
 
     rwkv_cfg = RWKVConfig(n_layer=L, n_embd=D, vocab_size=V, ctx_len=max(args.contexts))
     rwkv_params = rwkv_cfg.num_params()
@@ -175,7 +181,8 @@ def main() -> None:
 
     print(
         f"Training step (fwd + bwd + AdamW), fp32, CPU, L{L} D{D} V{V}, {args.tokens_per_step} tokens/step, "
-        f"{torch.get_num_threads()} threads, median of {args.rounds} x {args.steps} step(s)"
+        f"{torch.get_num_threads()} threads, median of {args.rounds} x {args.steps} step(s), "
+        f"malloc {'keeps freed memory (as the trainer)' if kept else 'as glibc defaults'}"
     )
     print(f"params  RWKV {rwkv_params:,} (matmul {rwkv_matmul:,})")
     gpt_counts = ", ".join(f"{gpt_params[c]:,} at ctx {c} ({gpt_params[c] / rwkv_params - 1:+.1%})" for c in args.contexts)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .hardware import keep_freed_cpu_memory
+
 
 @dataclass(frozen=True)
 class World:
@@ -74,6 +76,7 @@ def setup() -> World:
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        keep_freed_cpu_memory()  # a CPU step's activations reuse freed memory, not fresh pages (~25% at ctx 8192)
     if "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per collective

@@ -23,6 +23,31 @@ import torch
 BF16, FP32 = "bf16", "fp32"
 
 
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel; True if it took.
+
+    glibc serves every allocation above 32 MiB (its largest mmap threshold) with a fresh mmap and unmaps it on free,
+    and returns the free top of its heap once it exceeds a small trim threshold. A CPU training step allocates and
+    frees activations of that size every step (at ctx 8192, D 256: [8192, 1024] fp32 hidden states of 33.5 MB,
+    [8192, 2048] logits of 67 MB), so each step first-touches ~600 MB of new pages: ~150,000 page faults, each a
+    kernel entry and a zeroed page. Measured on a 2-core EPYC VM, a 67 MB `x + 1` takes 20 ms on fresh pages and
+    3 ms on reused ones, and an RWKV training step at ctx 8192 goes from 1.8 s to 1.35 s with no faults after its
+    first step. So: no mmap for large blocks (they come from the heap and go back to its free lists) and a trim
+    threshold of a quarter of the RAM (what a step frees is kept for the next; more than that still goes back).
+    One process-wide setting: call it once per process before training; elsewhere than glibc it does nothing."""
+    import ctypes
+    import os
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h
+    libc = ctypes.CDLL(None)
+    quarter_of_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    trim = min(quarter_of_ram, 2**31 - 1)  # mallopt takes an int
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, trim))
+
+
 def cpu_has_native_bf16() -> tuple[bool, str]:
     """(native bf16 matmul on this CPU, the feature that decided it)."""
     checks = (("AMX", getattr(torch.cpu, "_is_amx_tile_supported", None)),
