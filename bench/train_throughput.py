@@ -9,7 +9,7 @@ context: 4 at 1024, 1 at 4096).
 The GPT baseline is defined here: pre-LayerNorm, learned positional embedding, causal self-attention through
 F.scaled_dot_product_attention with n_embd/64 heads, 4x GELU MLP, untied head; with the same L and D its parameter
 count is RWKV's within a few percent (RWKV-4 blocks hold 13 D^2 matmul weights, GPT blocks 12 D^2; the positional
-table adds T*D, a lookup that costs no FLOPs). After one warm-up step each, RWKV and GPT rounds alternate, so that
+table adds T*D, a lookup that costs no FLOPs). After --warmup steps each, RWKV and GPT rounds alternate, so that
 machine noise hits both alike; medians are reported. The analytic FLOPs per token show why the ratio grows with T:
 both pay ~6N for their matmul weights, but attention adds 12*L*T*D per token while RWKV's WKV adds O(L*D) whatever T.
 That 12*L*T*D is the full T x T score matrix; a causal kernel (SDPA's flash path on CPU) computes only its lower
@@ -137,6 +137,9 @@ def main() -> None:
     parser.add_argument("--tokens-per-step", type=int, default=4096, help="batch = max(1, this // context)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1, help="training steps per timed round")
+    parser.add_argument("--warmup", type=int, default=3,
+                        help="untimed steps per model first: at ctx 8192 RWKV's first two or three steps still "
+                             "page-fault 15k-80k pages in while the heap settles (0 from then on), a trainer's steady state")
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: this process's cores")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (the trainer, and by default this bench, keep freed memory)")
@@ -167,8 +170,8 @@ def main() -> None:
             "rwkv": (rwkv, torch.optim.AdamW(rwkv.parameters(), lr=1e-4)),
             "gpt": (gpt, torch.optim.AdamW(gpt.parameters(), lr=1e-4)),
         }
-        for model, opt in runs.values():  # warm-up: the WKV kernel's load, allocator, AdamW's state
-            train_rate(model, opt, data, V, 1)
+        for model, opt in runs.values():  # warm-up: the WKV kernel's load, AdamW's state, the allocator's pools
+            train_rate(model, opt, data, V, args.warmup)
         rates = {name: [] for name in runs}
         for _ in range(args.rounds):  # alternate, so that machine noise hits both alike; report medians
             for name, (model, opt) in runs.items():
@@ -181,7 +184,7 @@ def main() -> None:
 
     print(
         f"Training step (fwd + bwd + AdamW), fp32, CPU, L{L} D{D} V{V}, {args.tokens_per_step} tokens/step, "
-        f"{torch.get_num_threads()} threads, median of {args.rounds} x {args.steps} step(s), "
+        f"{torch.get_num_threads()} threads, median of {args.rounds} x {args.steps} step(s) after {args.warmup} warm-up, "
         f"malloc {'keeps freed memory (as the trainer)' if kept else 'as glibc defaults'}"
     )
     print(f"params  RWKV {rwkv_params:,} (matmul {rwkv_matmul:,})")
