@@ -128,6 +128,25 @@ def train_rate(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor,
     return steps * inputs.numel() / (time.perf_counter() - start)
 
 
+def matmul_floor(model: nn.Module, tokens: int, reps: int = 3) -> float:
+    """Seconds for the matrix products of one training step alone, best of `reps`: for every nn.Linear of the model,
+    its forward x @ W^T, its input gradient dy @ W and its weight gradient dy^T @ x at `tokens` rows, on fresh
+    operands of the step's shapes. Everything else the step does (WKV, mixing, LayerNorm, loss, AdamW) counts zero
+    here, so the GPT's step time over this bounds the tokens/s ratio any RWKV implementation on torch's GEMM can reach."""
+    products = []
+    for linear in (m for m in model.modules() if isinstance(m, nn.Linear)):
+        w = torch.randn(linear.out_features, linear.in_features)
+        x, dy = torch.randn(tokens, linear.in_features), torch.randn(tokens, linear.out_features)
+        products += [lambda x=x, w=w: x @ w.t(), lambda dy=dy, w=w: dy @ w, lambda dy=dy, x=x: dy.t() @ x]
+    best = math.inf
+    for _ in range(reps + 1):  # the first pass warms MKL's buffers up
+        start = time.perf_counter()
+        for product in products:
+            product()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-layer", type=int, default=4)
@@ -143,6 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads; default: this process's cores")
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (the trainer, and by default this bench, keep freed memory)")
+    parser.add_argument("--matmul-floor", action="store_true",
+                        help="also time RWKV's matrix products alone per context: the ceiling of the ratio on this machine")
     parser.add_argument("--gpt-mlp-ratio", type=float, default=4.0, help="GPT MLP width / D; 4.5 matches RWKV's 13 D^2")
     args = parser.parse_args()
     L, D, V = args.n_layer, args.n_embd, args.vocab
@@ -179,7 +200,8 @@ def main() -> None:
         rwkv_flops = 6 * rwkv_matmul + WKV_FLOPS_PER_ELEMENT * L * D
         gpt_flops = 6 * gpt_matmul + 12 * L * ctx * D
         rwkv_rate, gpt_rate = statistics.median(rates["rwkv"]), statistics.median(rates["gpt"])
-        rows.append((ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops))
+        floor = matmul_floor(rwkv, batch * ctx) if args.matmul_floor else None
+        rows.append((ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops, floor))
         del runs, rwkv, gpt
 
     print(
@@ -199,7 +221,7 @@ def main() -> None:
         f"{'context':>8s}{'batch':>6s}{'RWKV tok/s':>12s}{'GPT tok/s':>11s}{'ratio':>8s}"
         f"{'RWKV MFLOP/tok':>16s}{'GPT MFLOP/tok':>15s}{'FLOP ratio':>12s}{'causal FLOP ratio':>19s}"
     )
-    for ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops in rows:
+    for ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops, _ in rows:
         print(
             f"{ctx:8d}{batch:6d}{rwkv_rate:12.0f}{gpt_rate:11.0f}{rwkv_rate / gpt_rate:7.2f}x"
             f"{rwkv_flops / 1e6:16.1f}{gpt_flops / 1e6:15.1f}{gpt_flops / rwkv_flops:11.2f}x"
@@ -207,6 +229,16 @@ def main() -> None:
         )
     print("ratio = RWKV tok/s / GPT tok/s; FLOP ratio = GPT / RWKV FLOPs per token (the ratio at equal FLOP/s); "
           "causal: attention's lower triangle only")
+    for ctx, batch, rwkv_rate, gpt_rate, _, _, floor in rows:
+        if floor is None:
+            continue
+        tokens = batch * ctx
+        step, gpt_step = tokens / rwkv_rate, tokens / gpt_rate
+        print(
+            f"ctx {ctx}: RWKV's matmuls alone {floor:.3f} s/step ({6 * rwkv_matmul * tokens / floor / 1e9:.0f} GFLOP/s)"
+            f" of its {step:.3f} s step; with everything else at zero the ratio could reach "
+            f"{gpt_step / floor:.2f}x (GPT step {gpt_step:.3f} s)"
+        )
 
 
 if __name__ == "__main__":
