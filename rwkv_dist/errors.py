@@ -19,3 +19,7 @@ class CheckpointError(RWKVDistError, ValueError):
 
 class DataError(RWKVDistError, ValueError):
     """A corpus, tokenizer, shard or manifest problem (named file and line/field)."""
+
+
+class KernelBuildError(RWKVDistError, RuntimeError):
+    """The C++ kernels in csrc/ could not be compiled here (no compiler, or it failed): names the compiler and its error."""

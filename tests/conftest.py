@@ -15,6 +15,8 @@ for var, sub in (("TORCH_EXTENSIONS_DIR", "torch_extensions"), ("RAY_TMPDIR", "r
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RWKV_CUDA_ON", "0")  # the `rwkv` pip package must not try to build its CUDA kernel
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A kernel that fails to compile must fail the tests, not fall back to the reference ops they compare against.
+os.environ.setdefault("RWKV_DIST_CPU_KERNELS", "require")
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import torch
 
 from rwkv_dist.errors import ShapeError
 from rwkv_dist.ops import WKVState, wkv4
+from rwkv_dist.ops._build import _cpu_key
 
 BIG_NEGATIVE = -1e30
 
@@ -302,18 +303,39 @@ def test_low_precision_inputs_match_closed_form(dtype):
         assert_close(g, g_ref, 4 * ulp, f"d/d{name} ({dtype})")
 
 
+CXX_WITHOUT_OPENMP = """#!/bin/sh
+for arg in "$@"; do
+    [ "$arg" = -fopenmp ] && { echo "error: unsupported option '-fopenmp'" >&2; exit 1; }
+done
+exec "${REAL_CXX:-c++}" "$@"
+"""
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 -march targets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
-def test_avx2_and_generic_builds_match_closed_form(march):
+def test_avx2_and_generic_builds_match_closed_form(march, tmp_path):
     """The kernel is plain C++ on GCC vectors, compiled for the building CPU (-march=native, AVX-512 here). The
     machines it targets may have only AVX2 (x86-64-v3) or nothing beyond SSE2 (x86-64): build it for those and rerun
     the float64-reference tests of this file in a fresh interpreter (about 40 s each, mostly the build), with the
-    decoder's matrix-vector kernel's (its int8 widening has an AVX2 path and a generic one)."""
+    decoder's matrix-vector kernel's (its int8 widening has an AVX2 path and a generic one) and the fused mixing ops'.
+    The generic build is made by a compiler that rejects -fopenmp, as Apple's clang does (g++ behind a wrapper that
+    fails on the flag): _build.py retries without OpenMP, and those single-threaded kernels must pass the same tests."""
     env = {**os.environ, "RWKV_DIST_WKV_CPU_MARCH": march}
-    tests = ("(closed_form or non_finite or segments or low_precision or backends_agree or gemv_kernel) and not reference"
+    if march == "x86-64":
+        cxx = tmp_path / "c++-without-openmp"
+        cxx.write_text(CXX_WITHOUT_OPENMP)
+        cxx.chmod(0o755)
+        env.update(CXX=str(cxx), REAL_CXX=os.environ.get("CXX", "c++"))
+        env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "ext")  # a cached OpenMP build must not stand in for this one
+    tests = ("(closed_form or non_finite or segments or low_precision or backends_agree or gemv_kernel or match_float64)"
+             " and not reference"
              " and not long_seq and not builds_match")  # not this test itself (its name matches closed_form)
-    files = [__file__, str(Path(__file__).with_name("test_decode.py"))]
+    files = [__file__, *(str(Path(__file__).with_name(name)) for name in ("test_decode.py", "test_mixing.py"))]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", tests],
                           capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert " passed" in done.stdout and "failed" not in done.stdout, done.stdout[-2000:]
+    if march == "x86-64":  # the kernels under test are the ones built without OpenMP, and no fallback stood in
+        builds = [p.name for p in (tmp_path / "ext").iterdir()]
+        assert any(name.endswith(_cpu_key("x86-64-noomp")) for name in builds), builds
+        assert "could not build the CPU kernels" not in done.stdout + done.stderr

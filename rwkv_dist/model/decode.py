@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, ShapeError
-from ..ops._build import cpu_extension
+from ..ops._build import cpu_extension, cpu_kernels_available
 from .rwkv import RWKV, RWKVState, _check_tokens
 
 WEIGHT_FORMATS = ("fp32", "bf16", "int8")
@@ -80,8 +80,12 @@ class Decoder:
 
     @staticmethod
     def _product(packed: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
-        """x [G, B, in] fp32 -> x @ W_g^T for each group g: [G, B, out] fp32."""
-        return cpu_extension().gemv(x.contiguous(), *packed)
+        """x [G, B, in] fp32 -> x @ W_g^T for each group g: [G, B, out] fp32. Without the CPU kernels (no compiler,
+        warned once) the same products in torch: the weights widened to fp32, int8 rows times their scales."""
+        if cpu_kernels_available():
+            return cpu_extension().gemv(x.contiguous(), *packed)
+        y = torch.bmm(x, packed[0].float().transpose(1, 2))
+        return y * packed[1][:, None, :] if len(packed) == 2 else y
 
     def weight_bytes(self) -> int:
         """Bytes of weights one step reads (every matrix and vector; one embedding row per token, not the table)."""

@@ -6,7 +6,10 @@ import functools
 import hashlib
 import os
 import platform
+import warnings
 from pathlib import Path
+
+from .. import errors
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 
@@ -17,31 +20,92 @@ def _cache_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
 
 
-@functools.cache
+CPU_SOURCES = ("wkv4_cpu.cpp", "mix_cpu.cpp", "gemv_cpu.cpp")
+
+
 def cpu_extension():
     """The OpenMP CPU kernels (csrc/wkv4_cpu.cpp: WKV; csrc/mix_cpu.cpp: a block's elementwise ops; csrc/gemv_cpu.cpp:
     decoding's matrix-vector products over fp32/bf16/int8 weights), one extension; about 15 s to build on 2 cores the
     first time (only wkv4_cpu.cpp includes torch's Python glue, see csrc/cpu_torch.h), then loaded from the cache.
+    Raises errors.KernelBuildError (one line) when it cannot be built; cpu_kernels_available() is the quiet test.
 
     The kernel is written with explicit SIMD vectors (GCC vector extensions) and its own inlined exp, so it needs no
     -ffast-math; it must not have it: NaN/inf inputs have to propagate, which -ffinite-math-only would break.
     -march=native picks the widest instructions the CPU has for those vectors; RWKV_DIST_WKV_CPU_MARCH overrides it
     (e.g. x86-64-v3 for an AVX2-only build, x86-64 for plain SSE2; the tests build both). Native code is why the
     build folder is keyed by the CPU's feature flags and the -march, so a cache shared by different machines never
-    loads code built for another CPU."""
+    loads code built for another CPU.
+
+    A compiler without OpenMP (Apple's clang rejects -fopenmp) still builds the kernels: when the OpenMP build fails
+    it is retried without, and the kernels run on one thread (csrc guards every OpenMP call with _OPENMP).
+    RWKV_DIST_CPU_OPENMP=0 asks for that build directly."""
+    module, error = _cpu_build()
+    if module is None:
+        raise errors.KernelBuildError(error)
+    return module
+
+
+def cpu_kernels_available() -> bool:
+    """Whether the CPU kernels build (or load from the cache) here. The first time they do not, warn once, naming the
+    compiler's error: the automatic backends then run the pure-PyTorch ops in rwkv_dist/ops/ (the same math, tested
+    against the same float64 references, and far slower: WKV steps through T in Python).
+    RWKV_DIST_CPU_KERNELS=require makes a failed build an error instead (the tests set it: there a kernel that does not
+    compile must fail, not hand its tests to the references they compare against)."""
+    module, error = _cpu_build()
+    if module is None and os.environ.get("RWKV_DIST_CPU_KERNELS", "auto") == "require":
+        raise errors.KernelBuildError(error)
+    if module is None and not _warned:
+        _warned.append(error)
+        warnings.warn(f"{error}; running the pure-PyTorch ops instead (correct, much slower)", RuntimeWarning,
+                      stacklevel=2)
+    return module is not None
+
+
+_warned: list[str] = []
+
+
+@functools.cache
+def _cpu_build():
+    """(the loaded extension, None), or (None, a one-line reason) when neither the OpenMP build nor the plain one
+    compiles. Cached for the process: a machine without a compiler pays the failed attempt once, not per call."""
+    march = os.environ.get("RWKV_DIST_WKV_CPU_MARCH", "native")
+    attempts = [False] if os.environ.get("RWKV_DIST_CPU_OPENMP", "1") == "0" else [True, False]
+    first_error = None
+    for openmp in attempts:
+        try:
+            return _load_cpu(march, openmp), None
+        except Exception as exc:  # noqa: BLE001 -- a compiler's failure reaches us as any of several types
+            first_error = first_error or exc
+    compiler = os.environ.get("CXX", "c++")
+    return None, (
+        f"could not build the CPU kernels csrc/{{{','.join(CPU_SOURCES)}}} with {compiler!r} (-march={march}): "
+        f"{_first_error_line(first_error)} (install g++, or set CXX; RWKV_DIST_BUILD_VERBOSE=1 prints the build log)"
+    )
+
+
+def _load_cpu(march: str, openmp: bool):
     from torch.utils.cpp_extension import load
 
-    march = os.environ.get("RWKV_DIST_WKV_CPU_MARCH", "native")
     name = "rwkv_dist_wkv4_cpu"
+    omp = ["-fopenmp"] if openmp else []
     return load(
         name=name,
-        sources=[str(CSRC / "wkv4_cpu.cpp"), str(CSRC / "mix_cpu.cpp"), str(CSRC / "gemv_cpu.cpp")],
+        sources=[str(CSRC / source) for source in CPU_SOURCES],
         extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3", "-fopenmp", f"-march={march}", "-fno-math-errno", "-fno-trapping-math"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=_build_dir(f"{name}-{_cpu_key(march)}"),
-        verbose=False,
+        extra_cflags=["-O3", *omp, f"-march={march}", "-fno-math-errno", "-fno-trapping-math"],
+        extra_ldflags=omp,
+        build_directory=_build_dir(f"{name}-{_cpu_key(march + ('' if openmp else '-noomp'))}"),
+        verbose=os.environ.get("RWKV_DIST_BUILD_VERBOSE") == "1",
     )
+
+
+def _first_error_line(exc: BaseException) -> str:
+    """The line of a build failure that says what went wrong (a compiler's 'error:' line, else the message's last
+    line), cut to 200 characters: torch's own message holds the whole ninja log."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    said = [line for line in lines if "error" in line.lower() and not line.startswith("Error building extension")]
+    line = (said or lines)[0 if said else -1]
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _cpu_key(march: str = "native") -> str:

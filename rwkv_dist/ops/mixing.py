@@ -13,8 +13,8 @@ kernels in csrc/mix_cpu.cpp make one pass forward and one backward, with fp32 ma
     d/dmu_i  = sum_{b,t} g_i[t] (x[t] - x_prev[t])
     squared ReLU: 2 max(x, 0) g;      sigmoid gate: d/dy = g s,  d/dr = g y s (1 - s),  s = sigmoid(r)
 
-Other devices and float64 run `reference_*`, the same math in torch ops (also what the tests compare against, in
-float64). RWKV_DIST_MIX_BACKEND=reference forces it on CPU too.
+Other devices, float64, and CPUs where the kernels cannot be built (warned once) run `reference_*`, the same math in
+torch ops (also what the tests compare against, in float64). RWKV_DIST_MIX_BACKEND=reference forces it on CPU too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from ._build import cpu_extension
+from ._build import cpu_extension, cpu_kernels_available
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -49,6 +49,7 @@ def _use_kernel(*tensors: torch.Tensor) -> bool:
         and first.dtype in KERNEL_DTYPES
         and all(t.dtype == first.dtype and t.shape == first.shape for t in tensors[1:])
         and os.environ.get("RWKV_DIST_MIX_BACKEND", "auto") != "reference"
+        and cpu_kernels_available()  # else (warned once) the reference ops
     )
 
 

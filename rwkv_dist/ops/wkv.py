@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 
 from .. import errors
-from ._build import cpu_extension, cuda_extension
+from ._build import cpu_extension, cpu_kernels_available, cuda_extension
 from .reference import wkv4_reference
 from .state import WKVState
 
@@ -43,7 +43,8 @@ def wkv4(
 
     Math is float32 whatever the input dtype (float64 inputs run the float64 reference). Differentiable in w, u, k, v
     and the incoming state. `backend="auto"` picks CUDA for CUDA tensors, else the CPU kernel (RWKV_DIST_WKV_BACKEND
-    overrides the automatic choice, e.g. `reference` to debug).
+    overrides the automatic choice, e.g. `reference` to debug). Where the CPU kernel cannot be built, `auto` runs the
+    reference after one warning and `cpu` raises errors.KernelBuildError.
     """
     _check_inputs(w, u, k, v)
     batch, _, channels = k.shape
@@ -109,8 +110,8 @@ def _choose_backend(backend: str, k: torch.Tensor) -> str:
         if backend not in ("auto", "reference"):
             raise errors.ShapeError(f"wkv4: float64 inputs run only on the reference backend, not {backend!r}")
         return "reference"
-    if backend == "auto":
-        return "cuda" if k.is_cuda else "cpu"
+    if backend == "auto":  # on CPU the kernel when it builds here, else (warned once) the reference
+        return "cuda" if k.is_cuda else "cpu" if cpu_kernels_available() else "reference"
     if backend == "cuda" and not k.is_cuda:
         raise errors.ShapeError(f"wkv4: backend 'cuda' needs CUDA tensors, k is on {k.device}")
     if backend == "cpu" and k.device.type != "cpu":
