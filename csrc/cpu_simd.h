@@ -6,6 +6,19 @@
 #include <cstdint>
 #include <cstring>
 
+// Half-precision storage in registers: _Float16 where C++ has it (GCC >= 12 and clang >= 15 on x86), __fp16 on ARM
+// (where GCC 12's C++ still lacks _Float16), and otherwise lane-by-lane conversions through c10's own IEEE routines:
+// GCC 11, the default compiler of Ubuntu 22.04 and RHEL 9, has neither type on x86.
+#if defined(__ARM_FP16_FORMAT_IEEE)
+#define WKV4_HALF __fp16
+#elif (defined(__clang__) && __clang_major__ >= 15) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12)
+#define WKV4_HALF _Float16
+#elif defined(WKV4_NO_TORCH)
+#error "fp16 storage needs _Float16 (GCC >= 12, clang >= 15), __fp16 (ARM) or c10's conversions (a torch build)"
+#else
+#include <c10/util/Half.h>
+#endif
+
 namespace wkv4cpu {
 
 constexpr int kWidth = 8;  // floats per vector (32 bytes: one AVX2 register)
@@ -13,7 +26,9 @@ typedef float vf __attribute__((vector_size(4 * kWidth)));
 typedef int32_t vi __attribute__((vector_size(4 * kWidth)));
 typedef uint32_t vu __attribute__((vector_size(4 * kWidth)));
 typedef uint16_t vu16 __attribute__((vector_size(2 * kWidth)));
-typedef _Float16 vh __attribute__((vector_size(2 * kWidth)));
+#ifdef WKV4_HALF
+typedef WKV4_HALF vh __attribute__((vector_size(2 * kWidth)));
+#endif
 
 #define WKV_INLINE inline __attribute__((always_inline))
 
@@ -48,7 +63,11 @@ struct Bf16 {
     uint16_t bits;
 };
 struct Fp16 {
-    _Float16 value;
+#ifdef WKV4_HALF
+    WKV4_HALF value;
+#else
+    uint16_t bits;
+#endif
 };
 
 template <class F>
@@ -81,6 +100,7 @@ struct Io<Bf16> {
 };
 template <>
 struct Io<Fp16> {  // IEEE conversions (round to nearest even), like c10::Half; F16C instructions where available
+#ifdef WKV4_HALF
     static WKV_INLINE vf load(const Fp16* p) {
         vh h;
         std::memcpy(&h, p, sizeof h);
@@ -90,6 +110,16 @@ struct Io<Fp16> {  // IEEE conversions (round to nearest even), like c10::Half; 
         const vh h = __builtin_convertvector(x, vh);
         std::memcpy(p, &h, sizeof h);
     }
+#else
+    static WKV_INLINE vf load(const Fp16* p) {
+        vf x;
+        for (int i = 0; i < kWidth; ++i) x[i] = c10::detail::fp16_ieee_to_fp32_value(p[i].bits);
+        return x;
+    }
+    static WKV_INLINE void store(Fp16* p, vf x) {
+        for (int i = 0; i < kWidth; ++i) p[i].bits = c10::detail::fp16_ieee_from_fp32_value(x[i]);
+    }
+#endif
 };
 
 // n < kWidth lanes (the last channels of a row): through a zero-filled buffer; the other lanes compute on zeros and

@@ -1,18 +1,24 @@
 """Machines where csrc/'s CPU kernels cannot be built: no working compiler. The automatic backends fall back, after one
 warning, to the pure-PyTorch ops (the same math), so a laptop without g++ still trains and decodes; asking for the CPU
 kernel by name, or requiring the kernels (RWKV_DIST_CPU_KERNELS=require, as the tests do), gives one line naming the
-compiler. (A compiler without OpenMP is tested in test_wkv.py: it builds.)"""
+compiler. (A compiler without OpenMP, and GCC 11, are tested in test_wkv.py: they build.) And the kernels compile for
+ARM."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
+import pytest
 import torch
+from torch.utils import cpp_extension
 
 from rwkv_dist.model.decode import Decoder
+from rwkv_dist.ops._build import CPU_SOURCES
 
 from helpers import random_model
 
@@ -83,3 +89,25 @@ def test_without_a_compiler_training_and_decoding_fall_back_to_the_torch_ops(tmp
     for weights, step_logits in got["decoded"].items():
         want = Decoder(model, weights).step(tokens[:, 0])[0]
         torch.testing.assert_close(step_logits, want, rtol=1e-5, atol=1e-5, msg=weights)
+
+
+AARCH64_CXX = shutil.which("aarch64-linux-gnu-g++")
+
+
+@pytest.mark.skipif(AARCH64_CXX is None, reason="no aarch64 cross compiler (.ci/run installs g++-aarch64-linux-gnu)")
+def test_cpu_kernels_compile_for_arm(tmp_path):
+    """ARM machines (Graviton, Ampere, Linux on Apple silicon) build the CPU kernels with -march=native too: GCC's C++
+    there has no _Float16 (csrc/cpu_simd.h stores fp16 as __fp16). This machine cannot run ARM code, so each source is
+    compiled for armv8-a against torch's headers with the flags _build.py gives (syntax and types; ~20 s)."""
+    includes = [f"-I{path}" for path in (*cpp_extension.include_paths(), sysconfig.get_paths()["include"], REPO / "csrc")]
+    flags = ["-std=c++17", "-fsyntax-only", "-O3", "-fopenmp", "-march=armv8-a", "-fno-math-errno",
+             "-fno-trapping-math", "-DTORCH_EXTENSION_NAME=rwkv_dist_wkv4_cpu", *includes]
+    jobs = {source: subprocess.Popen([AARCH64_CXX, *flags, str(REPO / "csrc" / source)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True) for source in CPU_SOURCES}
+    failures = []
+    for source, job in jobs.items():
+        out, _ = job.communicate(timeout=300)
+        errors_seen = [line for line in out.splitlines() if "error" in line]
+        if job.returncode != 0 or errors_seen:
+            failures.append(f"{source}: {job.returncode}\n" + "\n".join(errors_seen[:10] or out.splitlines()[-10:]))
+    assert not failures, "\n".join(failures)
