@@ -111,3 +111,16 @@ def test_cpu_kernels_compile_for_arm(tmp_path):
         if job.returncode != 0 or errors_seen:
             failures.append(f"{source}: {job.returncode}\n" + "\n".join(errors_seen[:10] or out.splitlines()[-10:]))
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA torch builds the kernels (the GPU tests load them)")
+def test_cuda_kernels_that_cannot_build_say_why_in_one_line():
+    """A CPU build of torch cannot compile .cu sources, as a cluster node with a broken CUDA setup cannot: the error is
+    one line naming nvcc and CUDA_HOME, and there is no silent fallback to the reference on the GPU."""
+    from rwkv_dist import errors
+    from rwkv_dist.ops._build import cuda_extension
+
+    with pytest.raises(errors.KernelBuildError) as caught:
+        cuda_extension()
+    message = str(caught.value)
+    assert "\n" not in message and "CUDA kernels" in message and "CUDA_HOME=" in message, message

@@ -122,18 +122,27 @@ def _cpu_key(march: str = "native") -> str:
 
 @functools.cache
 def cuda_extension():
-    """The fused CUDA kernels (csrc/wkv4_cuda.cu + binding); needs a CUDA build of torch and nvcc."""
-    from torch.utils.cpp_extension import load
+    """The fused CUDA kernels (csrc/wkv4_cuda.cu + binding); needs a CUDA build of torch and nvcc. No fallback when
+    they do not build: the reference would step through T in Python on the GPU, so a cluster would train at a
+    fraction of its speed without noticing; errors.KernelBuildError says why in one line instead."""
+    from torch.utils.cpp_extension import CUDA_HOME, load
 
-    return load(
-        name="rwkv_dist_wkv4_cuda",
-        sources=[str(CSRC / "wkv4_cuda_binding.cpp"), str(CSRC / "wkv4_cuda.cu")],
-        extra_include_paths=[str(CSRC)],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=["-O3", "--use_fast_math", "-Xptxas=-O3", "--extra-device-vectorization"],
-        build_directory=_build_dir("rwkv_dist_wkv4_cuda"),
-        verbose=False,
-    )
+    try:
+        return load(
+            name="rwkv_dist_wkv4_cuda",
+            sources=[str(CSRC / "wkv4_cuda_binding.cpp"), str(CSRC / "wkv4_cuda.cu")],
+            extra_include_paths=[str(CSRC)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "--use_fast_math", "-Xptxas=-O3", "--extra-device-vectorization"],
+            build_directory=_build_dir("rwkv_dist_wkv4_cuda"),
+            verbose=os.environ.get("RWKV_DIST_BUILD_VERBOSE") == "1",
+        )
+    except Exception as exc:  # noqa: BLE001 -- as in _cpu_build
+        raise errors.KernelBuildError(
+            f"could not build the CUDA kernels csrc/wkv4_cuda.cu with nvcc (CUDA_HOME={CUDA_HOME}): "
+            f"{_first_error_line(exc)} (RWKV_DIST_BUILD_VERBOSE=1 prints the build log; "
+            "RWKV_DIST_WKV_BACKEND=reference runs the slow reference instead)"
+        ) from None
 
 
 def _build_dir(name: str) -> str:
