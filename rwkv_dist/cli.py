@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .errors import RWKVDistError
@@ -31,8 +32,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     import torch
 
     from .data import Tokenizer
-    from .export import export_file, export_state_dict
+    from .export import check_export_out, export_file, export_state_dict
 
+    check_export_out(args.format, args.out)  # before consolidating a checkpoint, which can take minutes
     dtype = {"keep": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer and args.format == "hf" else None
     if Path(args.src).is_dir():  # a training checkpoint (step folder or run folder); its tokenizer is saved with it
@@ -63,14 +65,19 @@ def _unit_interval(name: str, low_open: bool = True):
     return parse
 
 
-def _positive(kind, name: str):
+def _positive(kind, name: str, zero: bool = False):
+    """A parser for a positive (with `zero`: non-negative) int or float; floats must be finite (an infinite
+    temperature or FLOP budget passes `> 0` and then samples noise or fails deep in the work)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive {kind.__name__}, got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"{name} must be positive, got {text}")
+            raise argparse.ArgumentTypeError(f"{name} must be a {'non-negative' if zero else 'positive'} "
+                                             f"{kind.__name__}, got {text!r}") from None
+        if not (value >= 0 if zero else value > 0):
+            raise argparse.ArgumentTypeError(f"{name} must be {'non-negative' if zero else 'positive'}, got {text}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{name} must be finite, got {text}")
         return value
     return parse
 
@@ -138,10 +145,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_run_config
+    from .errors import ConfigError, check_out_folder
     from .train.distributed import finish
     from .train.trainer import train
 
     cfg = load_run_config(args.config, args.overrides)
+    check_out_folder(cfg.out_dir, f"{args.config}: out_dir", ConfigError)
     train(cfg, source=args.config, resume=args.resume)
     finish()
 
@@ -175,11 +184,13 @@ def cmd_sweep_status(args: argparse.Namespace) -> None:
 def cmd_sweep_fit(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from .errors import DataError, check_out_folder
     from .sweep.fit import fit_results, summary_lines
 
     src = Path(args.results)
     csv_path = src / "results.csv" if src.is_dir() else src
     out = Path(args.out) if args.out else csv_path.parent / "fit"
+    check_out_folder(out, "--out", DataError)
     fit = fit_results(csv_path, out, budgets=args.budgets, bootstrap_replicates=args.bootstrap, seed=args.seed,
                       params=args.params, level=args.level)
     print("\n".join(summary_lines(fit)))
@@ -197,10 +208,12 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> None:
     from .data import train_tokenizer
     from .data.corpus import check_readable, expand_inputs
     from .data.prep import sample_documents, train_tokenizer_on_ray
+    from .data.tokenizer import check_tokenizer_args
     from .errors import DataError
 
     if not args.ray and (args.tasks or args.address):
         raise DataError("--tasks and --address need --ray")
+    check_tokenizer_args(args.out, args.vocab_size, args.model_type)  # before sampling (and Ray) starts
     files = expand_inputs(args.input)
     if args.on_bad_input == "stop":
         check_readable(files)
@@ -287,14 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="memory, communication and step time of every 3D layout of a run on a GPU cluster")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key.path=value")
-    p.add_argument("--gpus", type=int, required=True)
+    p.add_argument("--gpus", type=_positive(int, "--gpus"), required=True)
     p.add_argument("--gpu", default="H100", help="GPU type: A100-40G, A100-80G, H100, H200")
-    p.add_argument("--gpu-mem", type=float, help="GB per GPU (default: the type's)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--tensor", type=int, help="only layouts with this tensor-parallel degree")
-    p.add_argument("--pipeline", type=int, help="only layouts with this many pipeline stages")
+    p.add_argument("--gpu-mem", type=_positive(float, "--gpu-mem"), help="GB per GPU (default: the type's)")
+    p.add_argument("--gpus-per-node", type=_positive(int, "--gpus-per-node"), default=8)
+    p.add_argument("--tensor", type=_positive(int, "--tensor"), help="only layouts with this tensor-parallel degree")
+    p.add_argument("--pipeline", type=_positive(int, "--pipeline"), help="only layouts with this many pipeline stages")
     p.add_argument("--zero", type=int, choices=(2, 3), default=3, help="ZeRO stage of the data-parallel sharding")
-    p.add_argument("--rows", type=int, default=12, help="layouts shown (fastest first)")
+    p.add_argument("--rows", type=_positive(int, "--rows"), default=12, help="layouts shown (fastest first)")
     p.add_argument("--json", action="store_true", help="every layout as JSON instead of the table")
     p.set_defaults(func=cmd_plan)
 
@@ -316,18 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for tokenizer.model")
     p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"])
     p.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    p.add_argument("--input-sentence-size", type=int, default=2_000_000, help="lines sampled for training")
+    p.add_argument("--input-sentence-size", type=_positive(int, "--input-sentence-size"), default=2_000_000,
+                   help="lines sampled for training")
     p.add_argument("--sample-chars", type=int, default=200_000_000,
                    help="train on a uniform sample of documents over all inputs of about this many characters "
                         "(smaller corpora are used whole)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the sample (and sentencepiece's own sampling)")
+    p.add_argument("--seed", type=_positive(int, "--seed", zero=True), default=0,  # sentencepiece takes no negatives
+                   help="fixes the sample (and sentencepiece's own sampling)")
     p.add_argument("--on-bad-input", choices=["stop", "skip"], default="stop",
                    help="stop at an unreadable file / bad JSONL line naming it, or skip and count it")
     p.add_argument("--ray", action="store_true", help="read and sample the inputs with Ray tasks, train in one")
     p.add_argument("--address", help="with --ray: local (default), auto, HOST:PORT or ray://HOST:PORT")
-    p.add_argument("--workers", type=int, help="with --ray: tasks running at once (default 2 locally, every CPU of "
-                                               "a cluster)")
-    p.add_argument("--tasks", type=int, help="with --ray: parts the inputs are cut into")
+    p.add_argument("--workers", type=_positive(int, "--workers"),
+                   help="with --ray: tasks running at once (default 2 locally, every CPU of a cluster)")
+    p.add_argument("--tasks", type=_positive(int, "--tasks"), help="with --ray: parts the inputs are cut into")
     p.set_defaults(func=cmd_data_tokenizer)
 
     p = data.add_parser("shards", help="tokenize into WebDataset shards with a manifest")
@@ -336,8 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--shard-tokens", type=int, default=10_000_000)
     p.add_argument("--val-fraction", type=float, default=0.0)
-    p.add_argument("--workers", type=int, default=None, help="tokenizer threads (default 2); with --ray: tasks "
-                                                                "running at once (default 2 locally, every CPU of a cluster)")
+    p.add_argument("--workers", type=_positive(int, "--workers"), default=None,
+                   help="tokenizer threads (default 2); with --ray: tasks running at once (default 2 locally, every "
+                        "CPU of a cluster)")
     p.add_argument("--text-field", default="text")
     p.add_argument("--dedup", action="store_true", help="keep one copy of documents with the same normalized text "
                                                         "(the first in input order); counted in the manifest")
@@ -348,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "resumes after an interruption")
     p.add_argument("--address", help="with --ray: local (default, a private instance), auto, HOST:PORT or "
                                                "ray://HOST:PORT")
-    p.add_argument("--tasks", type=int, help="with --ray: parts the inputs are cut into (default: 4 per worker, "
-                                             "at least one per 256 MiB)")
+    p.add_argument("--tasks", type=_positive(int, "--tasks"),
+                   help="with --ray: parts the inputs are cut into (default: 4 per worker, at least one per 256 MiB)")
     p.set_defaults(func=cmd_data_shards)
 
     p = data.add_parser("verify", help="check every shard against the manifest; exit 1 naming damaged shards")
@@ -391,10 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "parabolas) to a sweep's results; intervals, plots, report")
     p.add_argument("results", help="results.csv or the sweep's out_dir")
     p.add_argument("--out", help="folder for fit.json and the PNGs (default: next to results.csv, fit/)")
-    p.add_argument("--budgets", type=float, nargs="+", help="FLOP budgets for the compute-optimal N, D (default: the "
-                                                            "sweep's own budgets, else 1-1000x the largest run)")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="B", help="intervals from B bootstrap replicates "
-                                                                         "(runs resampled; e.g. 1000)")
+    p.add_argument("--budgets", type=_positive(float, "--budgets"), nargs="+",
+                   help="FLOP budgets for the compute-optimal N, D (default: the sweep's own budgets, else 1-1000x the "
+                        "largest run)")
+    p.add_argument("--bootstrap", type=_positive(int, "--bootstrap", zero=True), default=0, metavar="B",
+                   help="intervals from B bootstrap replicates (runs resampled; e.g. 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--level", type=_unit_interval("--level"), default=0.9, help="interval coverage (default 0.9)")
     p.add_argument("--params", choices=["total", "non-embedding"], default="total",
@@ -453,13 +470,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _out_of_memory(e: BaseException) -> str | None:
+    """One line for an allocation that failed (a model, context or batch too large for the machine), else None.
+    torch reports it as a RuntimeError (CPU: "can't allocate memory"; CUDA: torch.OutOfMemoryError)."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if not (isinstance(e, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()):
+        return None
+    text = text.split("] err == 0. ", 1)[-1]  # c10's "[enforce fail at alloc_cpu.cpp:127] err == 0. " prefix
+    return (f"out of memory ({text[:200]}); a smaller model, model.ctx_len, schedule.micro_batch_size or --batch-size "
+            f"fits (`rwkv-dist plan` estimates the memory of a run)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse ends `overrides` at the first option: `train C --resume auto a.b=1` leaves a.b=1 over
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     try:
         return args.func(args) or 0
-    except RWKVDistError as e:
-        command = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
-        print(f"rwkv-dist {command}: error: {e}", file=sys.stderr)
+    except (RWKVDistError, MemoryError, RuntimeError) as e:
+        message = str(e) if isinstance(e, RWKVDistError) else _out_of_memory(e)
+        if message is None:  # any other RuntimeError is a bug: keep its traceback
+            raise
+        print(f"rwkv-dist {command}: error: {message}", file=sys.stderr)
         if "torch.distributed" in sys.modules:  # a trainer that failed after joining a process group
             from .train.distributed import finish
 

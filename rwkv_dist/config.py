@@ -22,7 +22,8 @@ T = TypeVar("T", bound=BaseModel)
 class OptimizerConfig(BaseModel):
     """The paper's recipe: Adam, no weight decay, LR from lr_init to lr_final (warmup, then exponential decay)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr_init: .inf` passes gt=0 and would fail as a math error inside the LR schedule
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     lr_init: float = Field(gt=0)
     lr_final: float = Field(gt=0)
@@ -48,6 +49,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: no such config file")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -79,16 +82,22 @@ def describe(e: ValidationError) -> str:
 
 
 def load_model_file(path: str | Path) -> ModelFile:
-    return validate(ModelFile, read_yaml(path), str(path))
+    """A model file, or a run config (its `model:` section, after `base:`): `rwkv-dist info` takes either."""
+    data = read_yaml(path)
+    data = read_run_yaml(path) if "base" in data else data
+    if set(data) & (set(RunConfig.model_fields) - set(ModelFile.model_fields)):  # a run config: only the shape counts
+        data = {"model": data["model"]} if "model" in data else {}
+    return validate(ModelFile, data, str(path))
 
 
 # ---- the run config (rwkv-dist train) ----------------------------------------------------------------------------
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable."""
+    """Base of every config section: unknown keys are errors, values are immutable, numbers are finite (an inf passes
+    gt=0 and breaks far from the config: a LR schedule's math error, a sampler's weights)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SourceConfig(Section):
@@ -224,7 +233,7 @@ class FaultsConfig(Section):
 
 class RunConfig(Section):
     name: str = "run"
-    out_dir: str = "runs/run"
+    out_dir: str = Field(default="runs/run", min_length=1)  # "" would write the run into the working directory
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto", description="auto: bf16 where the device computes it natively (CUDA compute capability >= 8, "
@@ -378,9 +387,12 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def read_run_yaml(path: str | Path) -> dict:
+def read_run_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """A run config file; `base: OTHER.yaml` (relative to this file) supplies defaults, e.g. a model file's shape,
     recipe and precision."""
+    if Path(path).resolve() in _chain:  # a base that leads back to itself would recurse until Python gives up
+        raise ConfigError(f"{_chain[0]}: base: {path} includes itself (a cycle of base: files)")
+    _chain = (*_chain, Path(path).resolve())
     data = read_yaml(path)
     base = data.pop("base", None)
     if base is None:
@@ -390,7 +402,7 @@ def read_run_yaml(path: str | Path) -> dict:
     base_path = Path(path).parent / base
     if not base_path.is_file():
         raise ConfigError(f"{path}: base: no such file {base_path}")
-    return merge(read_run_yaml(base_path), data)
+    return merge(read_run_yaml(base_path, _chain), data)
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

@@ -23,3 +23,20 @@ class DataError(RWKVDistError, ValueError):
 
 class KernelBuildError(RWKVDistError, RuntimeError):
     """The C++ kernels in csrc/ could not be compiled here (no compiler, or it failed): names the compiler and its error."""
+
+
+def check_out_folder(path, what: str, error: type[RWKVDistError] = RWKVDistError) -> None:
+    """Refuse, before any work, an output folder that cannot be made: it or a folder above it is a file, or the
+    nearest existing one is not writable. Otherwise mkdir fails deep inside the work with a traceback (or after
+    hours of tokenizing). `what` names the argument or field, e.g. "--out"."""
+    import os
+    from pathlib import Path
+
+    path = Path(path)
+    for p in (path, *path.absolute().parents):
+        if p.exists():
+            if not p.is_dir():
+                raise error(f"{what}: {p} exists and is not a folder")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise error(f"{what}: {p} is not writable")
+            return

@@ -127,6 +127,33 @@ def hf_tokenizer_files(tokenizer: Tokenizer) -> dict[str, str]:
     return {"tokenizer.json": hf.to_str(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
 
+HF_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", MODEL_FILE}
+
+
+def check_export_out(fmt: str, out: str | Path) -> None:
+    """Refuse, before reading any weights, an --out the export would fail on or that holds something else: an hf
+    export replaces a folder only when it is an earlier hf export (only its files), never another folder or a file."""
+    from .errors import check_out_folder
+
+    out = Path(out)
+    if fmt == "blinkdl":
+        if out.is_dir():
+            raise CheckpointError(f"--out {out}: is a folder; a blinkdl export is one file (e.g. {out / 'model.pth'})")
+        if out.suffix == ".safetensors":  # torch.save would write a pickle under that name, which no reader takes
+            raise CheckpointError(f"--out {out}: a blinkdl export is a torch .pth file; name it "
+                                  f"{out.with_suffix('.pth')}")
+        check_out_folder(out.parent, "--out", CheckpointError)
+    else:
+        if out.exists() and not out.is_dir():
+            raise CheckpointError(f"--out {out}: exists and is not a folder; an hf export is a folder")
+        if out.is_dir():
+            other = sorted(p.name for p in out.iterdir() if p.name not in HF_FILES)
+            if other:
+                raise CheckpointError(f"--out {out}: a folder that is not an hf export (holds {other[0]}); it would be "
+                                      f"replaced: choose a new or empty folder")
+        check_out_folder(out.parent, "--out", CheckpointError)
+
+
 def export_state_dict(sd: dict[str, torch.Tensor], fmt: str, out: str | Path, dtype: torch.dtype | None = None,
                       source: str = "state dict", ctx_len: int = 1024, tokenizer: Tokenizer | None = None) -> Path:
     """Write `sd` (BlinkDL names) as `fmt` to `out`, atomically: a failed export leaves no half-written output.
@@ -134,6 +161,7 @@ def export_state_dict(sd: dict[str, torch.Tensor], fmt: str, out: str | Path, dt
     An hf export also carries `tokenizer` (tokenizer.json, tokenizer_config.json and the sentencepiece file) when given."""
     if fmt not in FORMATS:
         raise CheckpointError(f"export: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_export_out(fmt, out)
     cfg = config_from_state_dict(sd, source, ctx_len=ctx_len)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"{tokenizer.path}: {tokenizer.vocab_size} tokens, more than the model's {cfg.vocab_size} "
@@ -170,4 +198,5 @@ def export_state_dict(sd: dict[str, torch.Tensor], fmt: str, out: str | Path, dt
 
 def export_file(src: str | Path, fmt: str, out: str | Path, dtype: torch.dtype | None = None,
                 tokenizer: Tokenizer | None = None) -> Path:
+    check_export_out(fmt, out)
     return export_state_dict(read_state_dict(src), fmt, out, dtype=dtype, source=str(src), tokenizer=tokenizer)

@@ -5,6 +5,7 @@ Policy (documented in data/README.md):
   `--text-field` (default `text`); `.gz` is decompressed on the fly;
 - inputs are paths or globs, expanded and sorted, so the same inputs always give the same order;
 - bytes that are not UTF-8 are replaced by U+FFFD and the document is counted in `invalid_utf8`;
+- a UTF-8 byte-order mark opening a JSONL file is dropped (json.loads refuses it; it is no part of the first record);
 - empty documents (no characters, or only whitespace) are skipped and counted in `empty`;
 - bad input (`on_bad`): a file that cannot be read (missing, no permission, a damaged .gz), a JSONL line that is not
   JSON, a record without a string text field: `stop` raises one DataError naming file (and line); `skip` counts it
@@ -32,6 +33,7 @@ from typing import Iterator
 from ..errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
+UTF8_BOM = b"\xef\xbb\xbf"
 BAD_INPUT_POLICIES = ("stop", "skip")
 
 
@@ -98,6 +100,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if not matches:
             raise DataError(f"{pattern}: no files match")
         for m in matches:
+            if Path(m).is_dir():  # "no such file" would mislead: the folder is there, its files are not named
+                raise DataError(f"{m}: is a folder; pass its files or a glob, e.g. '{Path(m) / '**' / '*.txt'}'")
             if not Path(m).is_file():
                 raise DataError(f"{m}: no such file")
             files.append(Path(m))
@@ -206,8 +210,10 @@ def read_piece(piece: Piece, text_field: str, stats: CorpusStats, on_bad: str = 
                     raw = f.readline()
                     if not raw:
                         break
-                    pos += len(raw)
+                    at_start, pos = pos == 0, pos + len(raw)
                     lineno += 1
+                    if at_start and raw.startswith(UTF8_BOM):  # editors on Windows start files with one
+                        raw = raw[len(UTF8_BOM):]
                     if not raw.strip():
                         continue
 

@@ -49,15 +49,14 @@ import numpy as np
 from ..errors import DataError, RWKVDistError
 from .corpus import (CorpusStats, Piece, check_readable, dedup_key, file_identity, line_start_at_or_after, read_piece,
                      splittable)
-from .shards import (MANIFEST, SPLITS, Manifest, ShardEntry, check_corpus_result, check_prep_args, is_val,
-                     make_manifest, manifest_stats, shard_name, token_dtype)
+from .shards import (MANIFEST, SHARD_FILE, SPLITS, Manifest, ShardEntry, check_corpus_result, check_out,
+                     check_prep_args, is_val, make_manifest, manifest_stats, shard_name, token_dtype)
 from .tokenizer import MODEL_FILE, Tokenizer
 
 PREP_FORMAT = "rwkv_dist.prep/1"  # part of every task identity: a change in what tasks write invalidates old records
 DOC_TABLE = np.dtype([("split", "u1"), ("length", "<u8"), ("key", "V16")])
 SPLIT_CODE = {"train": 0, "val": 1}
 LOCAL_DUPLICATE = 2  # split code of a document whose normalized text appeared earlier in its own part (not tokenized)
-SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
 BYTES_PER_DEFAULT_TASK = 256 << 20
 
 
@@ -478,19 +477,6 @@ class PrepResult:
         return self.tokens_done / max(self.seconds.get("tokenize", 0), 1e-9)
 
 
-def _check_out(out: Path) -> None:
-    if (out / MANIFEST).exists():
-        raise DataError(f"{out}: already holds a dataset ({MANIFEST}); choose another --out or remove it")
-    if out.exists():
-        if not out.is_dir():
-            raise DataError(f"{out}: exists and is not a folder")
-        foreign = [p.name for p in sorted(out.iterdir())
-                   if not (SHARD_FILE.match(p.name) or p.name == MODEL_FILE or p.name.endswith(".tmp"))]
-        if foreign:
-            raise DataError(f"{out}: not empty and not a dataset being prepared (holds {foreign[0]}); choose another "
-                            f"--out")
-
-
 def prepare_shards(files: list[Path], tokenizer: Tokenizer, out: str | Path, shard_tokens: int = 10_000_000,
                    val_fraction: float = 0.0, text_field: str = "text", dedup: bool = False, on_bad: str = "stop",
                    workers: int | None = None, tasks: int | None = None, address: str | None = "local",
@@ -503,7 +489,7 @@ def prepare_shards(files: list[Path], tokenizer: Tokenizer, out: str | Path, sha
         raise DataError(f"{out}: --ray writes to a folder (local, or shared by the nodes); prepare there and upload "
                         f"the finished folder to object storage")
     out = Path(out).resolve()
-    _check_out(out)
+    check_out(out)
     files = [Path(os.path.abspath(f)) for f in files]  # tasks run elsewhere, in other working directories
     if on_bad == "stop":
         check_readable(files)  # before Ray starts: an unreadable input is found in seconds, not after hours
@@ -552,7 +538,7 @@ def prepare_shards(files: list[Path], tokenizer: Tokenizer, out: str | Path, sha
         tables = [np.load(staging / "parts" / f"{pid}.docs.npy", allow_pickle=False) for pid in part_ids]
         shards, stats.duplicates, total_tokens = layout_shards(tables, shard_tokens, dedup)
         try:
-            check_corpus_result(stats.documents, sum(s.split == "train" for s in shards), val_fraction)
+            check_corpus_result(stats.documents, sum(s.split == "train" for s in shards), val_fraction, stats)
         except DataError:
             shutil.rmtree(staging, ignore_errors=True)  # nothing worth keeping: the corpus itself is unusable
             raise

@@ -42,9 +42,15 @@ FORMAT = "rwkv_dist.shards/1"
 SPLITS = ("train", "val")
 
 
+# A manifest's file names are joined to the dataset's location, which may be a `pipe:` shell command template: a plain
+# name only, so that a manifest from elsewhere can neither run a command (`x; rm -rf ~`) nor read outside the dataset.
+PLAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+SHARD_FILE = re.compile(r"^(train|val)-\d{6}\.tar$")
+
+
 class ShardEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    file: str
+    file: str = Field(pattern=PLAIN_NAME)
     samples: int = Field(ge=0)
     tokens: int = Field(ge=0)
     sha256: str
@@ -52,7 +58,7 @@ class ShardEntry(BaseModel):
 
 class TokenizerEntry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    file: str
+    file: str = Field(pattern=PLAIN_NAME)
     sha256: str
     vocab_size: int
     eod_id: int
@@ -101,8 +107,11 @@ def load_manifest(location: str | Path) -> Manifest:
         raise DataError(f"{url}: cannot read the dataset manifest ({type(e).__name__}: {e})") from None
     try:
         return Manifest.model_validate(json.loads(raw))
-    except (json.JSONDecodeError, ValidationError) as e:
-        raise DataError(f"{url}: not a valid manifest ({str(e).splitlines()[0]})") from None
+    except (ValueError, ValidationError) as e:  # ValueError: JSON syntax, or bytes that are not UTF-8
+        from ..config import describe  # pydantic's errors as `field.path: message (got value)`: names the field
+
+        reason = describe(e) if isinstance(e, ValidationError) else str(e).splitlines()[0]
+        raise DataError(f"{url}: not a valid manifest ({reason[:300]})") from None
 
 
 def token_dtype(vocab_size: int) -> str:
@@ -184,6 +193,24 @@ def make_manifest(tokenizer: Tokenizer, shard_tokens: int, val_fraction: float, 
     )
 
 
+def check_out(out: Path) -> None:
+    """--out must be absent, an empty folder, or one a prep of this dataset left (shards, the tokenizer, temporary
+    files): never a dataset (it would be replaced) nor a folder of other files (shards would be mixed into it)."""
+    if (out / MANIFEST).exists():
+        raise DataError(f"{out}: already holds a dataset ({MANIFEST}); choose another --out or remove it")
+    if out.exists():
+        if not out.is_dir():
+            raise DataError(f"{out}: exists and is not a folder")
+        foreign = [p.name for p in sorted(out.iterdir())
+                   if not (SHARD_FILE.match(p.name) or p.name == MODEL_FILE or p.name.endswith(".tmp"))]
+        if foreign:
+            raise DataError(f"{out}: not empty and not a dataset being prepared (holds {foreign[0]}); choose another "
+                            f"--out")
+    from ..errors import check_out_folder
+
+    check_out_folder(out, "shards: --out", DataError)
+
+
 def check_prep_args(shard_tokens: int, val_fraction: float) -> None:
     if shard_tokens < 1:
         raise DataError(f"shards: --shard-tokens must be positive, got {shard_tokens}")
@@ -191,9 +218,11 @@ def check_prep_args(shard_tokens: int, val_fraction: float) -> None:
         raise DataError(f"shards: --val-fraction must be in [0, 1), got {val_fraction}")
 
 
-def check_corpus_result(documents: int, train_shards: int, val_fraction: float) -> None:
-    if documents == 0:
-        raise DataError("shards: the corpus has no non-empty documents")
+def check_corpus_result(documents: int, train_shards: int, val_fraction: float,
+                        stats: CorpusStats | None = None) -> None:
+    if documents == 0:  # with --on-bad-input skip, say what was skipped: "no documents" alone misleads then
+        skipped = f" ({stats.summary()})" if stats is not None and (stats.skipped_bad or stats.empty) else ""
+        raise DataError(f"shards: the corpus has no non-empty documents{skipped}")
     if not train_shards:
         raise DataError(f"shards: --val-fraction {val_fraction} left no training documents")
 
@@ -217,8 +246,7 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
     (prep.prepare_shards) writes the same bytes from many tasks."""
     check_prep_args(shard_tokens, val_fraction)
     out = Path(out_dir)
-    if (out / MANIFEST).exists():
-        raise DataError(f"{out}: already holds a dataset ({MANIFEST}); choose another --out or remove it")
+    check_out(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
     seen: set[bytes] = set()
@@ -250,7 +278,7 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
             raise
         for w in writers.values():
             w.close()
-        check_corpus_result(index, len(writers["train"].entries), val_fraction)
+        check_corpus_result(index, len(writers["train"].entries), val_fraction, stats)
         shutil.copyfile(tokenizer.path, staging / MODEL_FILE)
         manifest = make_manifest(tokenizer, shard_tokens, val_fraction, {s: w.entries for s, w in writers.items()},
                                  manifest_stats(stats, total_tokens, dedup))

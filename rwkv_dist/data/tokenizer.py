@@ -31,12 +31,10 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | Path, vocab_size: i
 
     input_sentence_size samples that many lines (sentencepiece's own reservoir sampling) so huge corpora train fast;
     `seed` fixes that sampling (sentencepiece draws a fresh seed per process otherwise)."""
-    if model_type not in ("bpe", "unigram"):
-        raise DataError(f"tokenizer: unknown model type {model_type!r} (bpe, unigram)")
-    if vocab_size < 256 + 3 + len(CONTROL_SYMBOLS) + 1:
-        raise DataError(f"tokenizer: vocab size {vocab_size} is too small: byte fallback alone needs 262 ids")
+    check_tokenizer_args(out_dir, vocab_size, model_type)
+    if seed < 0:
+        raise DataError(f"tokenizer: --seed must be non-negative, got {seed}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     lines = _lines(documents)
     spm.set_random_generator_seed(seed)
@@ -57,14 +55,32 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | Path, vocab_size: i
         msg = str(e).split("] ", 1)[-1].strip()
         if "Vocabulary size too high" in msg:
             raise DataError(f"tokenizer: the corpus supports at most a smaller vocabulary: {msg}") from None
+        if "smaller than required_chars" in msg:  # sentencepiece's advice names a flag this command does not have
+            chars = msg.split(" vs ")[-1].split(".")[0]
+            raise DataError(f"tokenizer: --vocab-size {vocab_size} is too small for this corpus: its characters, with "
+                            f"the reserved and byte pieces, need {chars} ids; use a larger --vocab-size") from None
         raise DataError(f"tokenizer: sentencepiece failed: {msg}") from None
     if lines.count == 0:
         raise DataError("tokenizer: the corpus has no text")
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a failed training leaves no empty folder behind
     path = out_dir / MODEL_FILE
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(path)
     return path
+
+
+def check_tokenizer_args(out_dir: str | Path, vocab_size: int, model_type: str) -> None:
+    """What `data tokenizer` can refuse before reading any input (sampling a corpus takes minutes)."""
+    from ..errors import check_out_folder
+
+    if model_type not in ("bpe", "unigram"):
+        raise DataError(f"tokenizer: unknown model type {model_type!r} (bpe, unigram)")
+    least = 256 + 3 + len(CONTROL_SYMBOLS) + 1  # byte pieces, reserved ids, control symbols, one learned piece
+    if vocab_size < least:
+        raise DataError(f"tokenizer: vocab size {vocab_size} is too small: byte fallback, the reserved ids and "
+                        f"\\n \\r \\t take 262, the smallest is {least}")
+    check_out_folder(out_dir, "tokenizer: --out", DataError)
 
 
 class _Lines:

@@ -13,6 +13,9 @@ import json
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
+from ..config import describe
 from ..errors import ConfigError
 from ..train.checkpoint import COMPLETE, CheckpointStore, step_name
 from .runner import BRANCH_POINTS, DRIVER, PLAN, RESULT, Run
@@ -34,7 +37,9 @@ def _last_step(metrics: Path) -> dict | None:
             record = json.loads(line)
         except ValueError:
             continue
-        if "loss" in record and "step" in record:
+        # a line the run did not write (or cut by a crash) is skipped: the table formats step and loss as numbers
+        if isinstance(record, dict) and isinstance(record.get("loss"), (int, float)) \
+                and isinstance(record.get("step"), int):
             return record
     return None
 
@@ -46,19 +51,37 @@ def _eta(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _read_json(path: Path):
+    """A JSON file the sweep wrote (atomically); damaged or hand-edited, it is named in one line, not a traceback."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSON syntax, or bytes that are not UTF-8
+        raise ConfigError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+
+
 def status_rows(out_dir: str | Path) -> tuple[list[dict], dict | None]:
     """(one dict per run: run, role, status, step, total, loss, eta; the driver's heartbeat record or None)."""
     out = Path(out_dir)
     plan_file = out / PLAN
     if not plan_file.is_file():
         raise ConfigError(f"{out}: not a sweep folder (no {PLAN}; has the sweep been started?)")
-    runs = [Run.model_validate(r) for r in json.loads(plan_file.read_text())["runs"]]
-    driver = json.loads((out / DRIVER).read_text()) if (out / DRIVER).is_file() else None
+    plan = _read_json(plan_file)
+    try:
+        runs = [Run.model_validate(r) for r in plan["runs"]]
+    except (TypeError, KeyError, ValidationError) as e:
+        reason = describe(e) if isinstance(e, ValidationError) else "expected {\"runs\": [...]}"
+        raise ConfigError(f"{plan_file}: not a sweep plan ({reason})") from None
+    driver = _read_json(out / DRIVER) if (out / DRIVER).is_file() else None
+    if driver is not None and not (isinstance(driver, dict) and isinstance(driver.get("time"), (int, float))
+                                   and isinstance(driver.get("running"), list)):
+        raise ConfigError(f"{out / DRIVER}: not a sweep driver record (expected time and running)")
     alive = driver is not None and time.time() - driver["time"] < HEARTBEAT_S
     running = set(driver["running"]) if alive else set()
     rows = []
     for run in runs:
-        result = json.loads((run.out_dir / RESULT).read_text()) if (run.out_dir / RESULT).is_file() else None
+        result = _read_json(run.out_dir / RESULT) if (run.out_dir / RESULT).is_file() else None
+        if result is not None and not (isinstance(result, dict) and "status" in result):
+            raise ConfigError(f"{run.out_dir / RESULT}: not a sweep result (no status)")
         last = _last_step(run.out_dir / "metrics.jsonl")
         step = last["step"] if last else run.start_step
         row = {"run": run.name, "role": run.role, "step": step, "total": run.steps,

@@ -81,13 +81,16 @@ class CheckpointStore:
             return None
         if spec == "auto":
             found = self.committed()
-            return found[-1] if found else None
-        path = Path(spec)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint.resume: {spec}: no such checkpoint folder")
-        if not is_checkpoint(path):
-            raise CheckpointError(f"checkpoint.resume: {spec}: not a committed checkpoint (no {COMPLETE}; "
-                                  f"an interrupted save?)")
+            path = found[-1] if found else None
+        else:
+            path = Path(spec)
+            if not path.is_dir():
+                raise CheckpointError(f"checkpoint.resume: {spec}: no such checkpoint folder")
+            if not is_checkpoint(path):
+                raise CheckpointError(f"checkpoint.resume: {spec}: not a committed checkpoint (no {COMPLETE}; "
+                                      f"an interrupted save?)")
+        if path is not None:
+            read_saved_config(path)  # the trainer compares it with the run's: a damaged one is named here, in one line
         return path
 
     # -- saving (called on every rank) -------------------------------------------------------------------------------
@@ -148,7 +151,29 @@ def read_rank_rng(folder: Path, rank: int) -> dict[str, torch.Tensor] | None:
     from safetensors.torch import load_file
 
     path = folder / "trainer" / f"rank_{rank:05d}.rng.safetensors"
-    return load_file(str(path)) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (and OSError) on a damaged file
+        raise CheckpointError(f"{path}: unreadable RNG state ({type(e).__name__}: {e})") from None
+
+
+def read_saved_config(folder: Path) -> dict:
+    """The run config a committed checkpoint was saved with (a YAML mapping), or one CheckpointError naming it."""
+    import yaml
+
+    path = folder / "config.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: bytes that are not UTF-8
+        raise CheckpointError(f"{path}: unreadable run config ({type(e).__name__}: {str(e).splitlines()[0][:200]})") \
+            from None
+    sections = isinstance(data, dict) and isinstance(data.get("model"), dict) and isinstance(data.get("data"), dict)
+    sources = data["data"].get("sources") if sections else None
+    if not (isinstance(sources, list) and all(isinstance(x, dict) for x in sources)):  # what the trainer compares
+        raise CheckpointError(f"{path}: not a run config (needs model: and data.sources: sections)")
+    return data
 
 
 def read_complete(folder: Path) -> dict:
@@ -213,7 +238,10 @@ def check_pickles(folder: Path, files: list[Path] | None = None) -> None:
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - any refusal is the same user-facing problem
-                lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x] or [str(e).strip() or type(e).__name__]
+                lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x]
+                if not lines:  # nothing was refused: the file itself is truncated or damaged, and that is what to say
+                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+                    raise CheckpointError(f"{path}: unreadable, truncated or damaged ({reason})") from None
                 reason = lines[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")[:200]
                 raise CheckpointError(f"{path}: refused to load, not weights-only ({reason})") from None
 
