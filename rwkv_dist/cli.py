@@ -276,8 +276,11 @@ def cmd_data_shards(args: argparse.Namespace) -> None:
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
     from .data import verify
+    from .errors import DataError
 
     lines, damaged = verify(args.dir)
+    if not lines:  # "all 0 shards match" would pass a dataset that holds nothing to train on
+        raise DataError(f"{args.dir}: the manifest lists no shards")
     print("\n".join(lines))
     if damaged:
         print(f"{len(damaged)} damaged shard(s): {', '.join(damaged)}", file=sys.stderr)

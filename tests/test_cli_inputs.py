@@ -155,6 +155,8 @@ def test_shards_of_unusual_jsonl(capsys, corpus, tmp_path):
         (tmp_path / "d2" / "manifest.json").write_text(json.dumps(
             {**manifest, "splits": {"train": [{**entry, "file": name}], "val": []}}))
         fails(capsys, ["data", "verify", tmp_path / "d2"], "not a valid manifest (splits.train.0.file: String should")
+    (tmp_path / "d2" / "manifest.json").write_text(json.dumps({**manifest, "splits": {"train": [], "val": []}}))
+    fails(capsys, ["data", "verify", tmp_path / "d2"], "the manifest lists no shards")  # said "all 0 shards match"
     (tmp_path / "d2" / "manifest.json").write_bytes(b"\x91\xff{")
     fails(capsys, ["data", "verify", tmp_path / "d2"], "not a valid manifest (")  # was UnicodeDecodeError
 
@@ -254,3 +256,33 @@ def test_out_of_memory_is_one_line():
     message = _out_of_memory(caught.value)
     assert message is not None and message.startswith("out of memory (") and "\n" not in message
     assert _out_of_memory(RuntimeError("a bug")) is None  # every other RuntimeError keeps its traceback
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("code", "refused to load, not weights-only (Unsupported global: GLOBAL print)"),
+    ("truncated", "unreadable, truncated or damaged (RuntimeError: PytorchStreamReader"),
+])
+def test_pth_files_that_are_not_weights(capsys, tmp_path, kind, needle):
+    """A .pth that would run code when unpickled, or one cut short: one line saying which, never torch's advice to
+    retry with weights_only=False (which would run it)."""
+    import torch
+
+    path = tmp_path / "w.pth"
+    if kind == "code":
+        torch.save({"emb.weight": _RunsCode()}, path)
+    else:
+        torch.save({"emb.weight": torch.zeros(4, 4)}, path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    err = fails(capsys, ["export", path, "--format", "blinkdl", "--out", tmp_path / "out.pth"], needle)
+    assert "weights_only" not in err and "this must never run" not in err
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_model_numbers_must_be_finite(capsys, tmp_path):
+    (tmp_path / "m.yaml").write_text("model: {n_layer: 1, n_embd: 8, vocab_size: 300, layer_norm_eps: .inf}\n")
+    fails(capsys, ["info", tmp_path / "m.yaml"], "layer_norm_eps: Input should be a finite number")

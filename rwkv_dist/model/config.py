@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 class RWKVConfig(BaseModel):
     """Shape of an RWKV-4 model. Unknown or invalid fields raise a pydantic ValidationError naming the field."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # an inf eps passes gt=0
 
     n_layer: int = Field(ge=1, description="number of blocks L")
     n_embd: int = Field(ge=1, description="model width D")

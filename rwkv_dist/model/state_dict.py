@@ -27,10 +27,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any reader failure is the same user-facing problem
-        raise CheckpointError(f"{path}: not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        raise CheckpointError(f"{path}: not a readable state dict: {describe_load_failure(e)}") from None
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
     return sd
+
+
+def describe_load_failure(e: BaseException) -> str:
+    """A failed weights-only load in a few words: the global it refused (a file that would run code when unpickled),
+    or, when it refused none, that the file is truncated or damaged. Never torch's own first line, which advises
+    retrying with weights_only=False: for an untrusted file, running its code."""
+    refused = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+    if refused:
+        name = refused[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")
+        return f"refused to load, not weights-only ({name[:200]})"
+    first = (str(e).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"unreadable, truncated or damaged ({type(e).__name__}: {first[:200]})"
 
 
 def config_from_state_dict(sd: dict[str, torch.Tensor], source: str = "state dict", **overrides) -> RWKVConfig:

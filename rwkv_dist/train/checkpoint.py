@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
+from ..model.state_dict import describe_load_failure
 
 STEP_PREFIX = "step_"
 PARTIAL = ".partial"
@@ -238,12 +239,7 @@ def check_pickles(folder: Path, files: list[Path] | None = None) -> None:
             try:
                 torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - any refusal is the same user-facing problem
-                lines = [x.strip() for x in str(e).splitlines() if "GLOBAL" in x]
-                if not lines:  # nothing was refused: the file itself is truncated or damaged, and that is what to say
-                    reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
-                    raise CheckpointError(f"{path}: unreadable, truncated or damaged ({reason})") from None
-                reason = lines[0].split(" was not")[0].removeprefix("WeightsUnpickler error: ")[:200]
-                raise CheckpointError(f"{path}: refused to load, not weights-only ({reason})") from None
+                raise CheckpointError(f"{path}: {describe_load_failure(e)}") from None
 
 
 def find_checkpoint(path: str | Path) -> Path:
