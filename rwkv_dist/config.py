@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
-from .model.config import RWKVConfig
+from .model.config import RWKVConfig, refuse_bools_for_numbers
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -25,6 +25,7 @@ class OptimizerConfig(BaseModel):
     # allow_inf_nan=False: `lr_init: .inf` passes gt=0 and would fail as a math error inside the LR schedule
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    _no_bools = model_validator(mode="before")(classmethod(refuse_bools_for_numbers))
     lr_init: float = Field(gt=0)
     lr_final: float = Field(gt=0)
     warmup_steps: int = Field(default=0, ge=0)
@@ -72,8 +73,9 @@ def describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors():
         field = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        if err["type"] == "value_error":  # cross-field checks name their own fields
-            parts.append(err["msg"].removeprefix("Value error, "))
+        if err["type"] == "value_error":  # cross-field checks name their own fields, though not always their section
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(msg if field == "(top level)" or msg.startswith(field) else f"{field}.{msg}")
             continue
         msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
         got = "" if err["type"] in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
@@ -98,6 +100,7 @@ class Section(BaseModel):
     gt=0 and breaks far from the config: a LR schedule's math error, a sampler's weights)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _no_bools = model_validator(mode="before")(classmethod(refuse_bools_for_numbers))  # `steps: true` is not 1
 
 
 class SourceConfig(Section):

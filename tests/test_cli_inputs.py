@@ -76,6 +76,7 @@ def test_bad_numbers_are_refused_by_the_parser(capsys, argv, needle):
     ("optimizer.lr_init=.inf", "optimizer.lr_init: Input should be a finite number (got inf)"),  # was a math error
     ("data.sources=[{location: x, weight: .inf}]", "data.sources.0.weight: Input should be a finite number"),
     ("out_dir=", "out_dir: String should have at least 1 character"),  # would have trained into the working dir
+    ("schedule.steps=true", "schedule.steps: expected a number, got true"),  # was read as 1 step
 ])
 def test_bad_run_config_values(capsys, tmp_path, override, needle):
     cfg = tmp_path / "run.yaml"

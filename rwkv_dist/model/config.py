@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import typing
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+def refuse_bools_for_numbers(model: type[BaseModel], data):
+    """A model_validator(mode="before") body: YAML reads true/yes/on as a bool, and pydantic's lax mode takes a bool for
+    1 or 0 in an int or float field (`steps: true` would train one step). Only fields that are declared bool take one."""
+    if isinstance(data, dict):
+        for name, field in model.model_fields.items():
+            value = data.get(name)
+            if isinstance(value, bool) and field.annotation is not bool and bool not in typing.get_args(field.annotation):
+                raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+    return data
 
 
 class RWKVConfig(BaseModel):
@@ -16,6 +29,8 @@ class RWKVConfig(BaseModel):
     ctx_len: int = Field(default=1024, ge=1, description="training context length")
     dim_ffn: int | None = Field(default=None, ge=1, description="ChannelMix hidden width; 4 * n_embd when unset")
     layer_norm_eps: float = Field(default=1e-5, gt=0)
+
+    _no_bools = model_validator(mode="before")(classmethod(refuse_bools_for_numbers))
 
     @property
     def ffn_width(self) -> int:
