@@ -287,3 +287,25 @@ def test_pth_files_that_are_not_weights(capsys, tmp_path, kind, needle):
 def test_model_numbers_must_be_finite(capsys, tmp_path):
     (tmp_path / "m.yaml").write_text("model: {n_layer: 1, n_embd: 8, vocab_size: 300, layer_norm_eps: .inf}\n")
     fails(capsys, ["info", tmp_path / "m.yaml"], "layer_norm_eps: Input should be a finite number")
+
+
+def test_a_corpus_of_long_lines_trains_a_tokenizer(tmp_path):
+    """sentencepiece skips every line over its max_sentence_length: a corpus of unwrapped paragraphs used to fail with
+    "sentencepiece failed: " (an empty reason). Long lines are cut into parts, at spaces where there are any, that
+    join back to the line; and the tokenizer trained on them round-trips the text."""
+    from rwkv_dist.data import Tokenizer
+    from rwkv_dist.data.tokenizer import MAX_LINE_BYTES, _short_parts
+
+    rng = random.Random(1)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(400)]
+    paragraphs = [" ".join(rng.choice(words) for _ in range(4000)) for _ in range(20)]  # ~20k characters each
+    for line in (paragraphs[0], "x" * 50_000, "é" * 9000):  # with spaces, without, and 2-byte characters
+        parts = list(_short_parts(line))
+        assert "".join(parts) == line and len(parts) > 1
+        assert all(len(p.encode()) <= MAX_LINE_BYTES for p in parts)
+    (tmp_path / "long.txt").write_text("\n\n".join(paragraphs))
+    assert main(["data", "tokenizer", "--input", str(tmp_path / "long.txt"), "--vocab-size", "400",
+                 "--out", str(tmp_path / "tok")]) == 0
+    tokenizer = Tokenizer(tmp_path / "tok")
+    text = paragraphs[3][:2000]
+    assert tokenizer.decode(tokenizer.encode([text])[0]) == text

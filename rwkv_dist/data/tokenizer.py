@@ -46,7 +46,7 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | Path, vocab_size: i
             user_defined_symbols=CONTROL_SYMBOLS, eos_id=EOD_ID, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1,
             eos_piece="<|endoftext|>", pad_piece="<pad>", unk_piece="<unk>", character_coverage=0.9995,
             input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
-            seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=16384, num_threads=num_threads,
+            seed_sentencepiece_size=seed_sentencepiece_size, max_sentence_length=MAX_LINE_BYTES, num_threads=num_threads,
             minloglevel=2,
         )
     except RuntimeError as e:
@@ -83,6 +83,9 @@ def check_tokenizer_args(out_dir: str | Path, vocab_size: int, model_type: str) 
     check_out_folder(out_dir, "tokenizer: --out", DataError)
 
 
+MAX_LINE_BYTES = 16384  # sentencepiece's max_sentence_length: longer lines are cut into parts (_short_parts)
+
+
 class _Lines:
     """Documents -> non-empty lines, counting them (sentencepiece takes an iterator)."""
 
@@ -94,8 +97,26 @@ class _Lines:
         for doc in self._docs:
             for line in doc.split("\n"):
                 if line:
-                    self.count += 1
-                    yield line
+                    for part in _short_parts(line):
+                        self.count += 1
+                        yield part
+
+
+def _short_parts(line: str) -> Iterator[str]:
+    """A line as parts sentencepiece takes whole: it skips every sentence over max_sentence_length bytes without a
+    word, so a corpus of long lines (unwrapped paragraphs, minified text) would train on a fraction of its text, or
+    on none and fail. Parts are at most MAX_LINE_BYTES // 4 characters (hence bytes), cut after a space if there is one
+    in the part's second half."""
+    if len(line) <= MAX_LINE_BYTES // 4 or len(line.encode()) <= MAX_LINE_BYTES:
+        yield line
+        return
+    most = MAX_LINE_BYTES // 4
+    while len(line) > most:
+        cut = line.rfind(" ", most // 2, most) + 1 or most
+        yield line[:cut]
+        line = line[cut:]
+    if line:
+        yield line
 
 
 def _lines(documents: Iterable[str]) -> _Lines:
