@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     data = sub.add_parser("data", help="tokenizer, shards, verify").add_subparsers(dest="data_command", required=True)
-    inputs_help = "text/JSONL files or globs (.gz ok); builtin:stdlib = the embedded demo corpus"
+    inputs_help = "text/JSONL files or globs (.gz .bz2 .xz .zst ok); builtin:stdlib = the embedded demo corpus"
     p = data.add_parser("tokenizer", help="train a sentencepiece tokenizer on text/JSONL files")
     p.add_argument("--input", nargs="+", required=True, help=inputs_help)
     p.add_argument("--vocab-size", type=int, required=True)

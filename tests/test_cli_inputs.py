@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from helpers import run_cli
@@ -309,3 +310,38 @@ def test_a_corpus_of_long_lines_trains_a_tokenizer(tmp_path):
     tokenizer = Tokenizer(tmp_path / "tok")
     text = paragraphs[3][:2000]
     assert tokenizer.decode(tokenizer.encode([text])[0]) == text
+
+
+def test_compressed_corpora_and_containers(capsys, tmp_path):
+    """JSONL and text compressed with gzip, bzip2, xz or zstd (.jsonl.zst is how most pretraining corpora ship) read as
+    the same documents as uncompressed; a damaged one is named in one line; an archive or a columnar file is refused
+    by name: read as text it was bytes of garbage, counted only as 'invalid UTF-8'."""
+    import bz2
+    import gzip
+    import lzma
+
+    import zstandard
+
+    from rwkv_dist.data.corpus import CorpusStats, expand_inputs, read_documents
+
+    records = [{"text": f"document {i}: " + "lorem ipsum " * i} for i in range(1, 40)]
+    plain = "".join(json.dumps(r) + "\n" for r in records).encode()
+    compress = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress,
+                "zst": zstandard.ZstdCompressor().compress}
+    want = [r["text"] for r in records]
+    for suffix, pack in compress.items():
+        for name in (f"c.jsonl.{suffix}", f"c.ndjson.{suffix}"):
+            (tmp_path / name).write_bytes(pack(plain))
+            stats = CorpusStats()
+            assert list(read_documents(expand_inputs([str(tmp_path / name)]), stats=stats)) == want, name
+            assert stats.invalid_utf8 == 0
+        (tmp_path / f"t.txt.{suffix}").write_bytes(pack(b"one text document\nof two lines\n"))
+        assert list(read_documents([tmp_path / f"t.txt.{suffix}"])) == ["one text document\nof two lines\n"]
+        (tmp_path / f"bad.jsonl.{suffix}").write_bytes(b"never compressed")
+        fails(capsys, ["data", "tokenizer", "--input", tmp_path / f"bad.jsonl.{suffix}", "--vocab-size", "300",
+                       "--out", tmp_path / "tok"], f"bad.jsonl.{suffix}: cannot read (")
+    for name in ("docs.parquet", "docs.zip", "docs.tar"):
+        (tmp_path / name).write_bytes(b"PAR1")
+        fails(capsys, ["data", "tokenizer", "--input", tmp_path / name, "--vocab-size", "300", "--out",
+                       tmp_path / "tok"], f"{name}: a {Path(name).suffix} file is not text or JSONL")
+    assert not (tmp_path / "tok").exists()

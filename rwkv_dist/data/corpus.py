@@ -1,8 +1,9 @@
-"""Reading raw text corpora: plain text and JSONL files (optionally .gz), as a deterministic stream of documents.
+"""Reading raw text corpora: plain text and JSONL files (optionally compressed), as a deterministic stream of documents.
 
 Policy (documented in data/README.md):
 - a `.txt` / `.md` / `.py` / any non-JSONL file is one document; a `.jsonl` file holds one document per line, its text in
-  `--text-field` (default `text`); `.gz` is decompressed on the fly;
+  `--text-field` (default `text`); `.gz`, `.bz2`, `.xz` and `.zst` are decompressed on the fly (`x.jsonl.zst` is
+  JSONL); archives and columnar files (.zip, .tar, .7z, .parquet, .arrow) are refused by name, not read as text;
 - inputs are paths or globs, expanded and sorted, so the same inputs always give the same order;
 - bytes that are not UTF-8 are replaced by U+FFFD and the document is counted in `invalid_utf8`;
 - a UTF-8 byte-order mark opening a JSONL file is dropped (json.loads refuses it; it is no part of the first record);
@@ -18,10 +19,12 @@ share a large file; the documents of a file's pieces, in order, are the document
 
 from __future__ import annotations
 
+import bz2
 import glob
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import sys
 import unicodedata
@@ -32,7 +35,34 @@ from typing import Iterator
 
 from ..errors import DataError
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+def _open_zstd(path: Path, mode: str = "rb"):
+    import io
+
+    import zstandard
+
+    # zstandard's reader has no readline(); a buffer over it does (and closing the buffer closes the file)
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+
+
+# Compressed inputs, by their last suffix: opened as a stream of the uncompressed bytes.
+DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _open_zstd}
+# Files that hold documents in a container this reader does not parse: read as text they would be bytes of garbage.
+REFUSED_SUFFIXES = (".zip", ".tar", ".tgz", ".7z", ".rar", ".parquet", ".arrow", ".feather", ".lz4", ".zstd")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What a damaged or truncated input raises: gzip/bz2 an OSError or EOFError, xz an LZMAError, zstd a ZstdError."""
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
+    try:
+        import zstandard
+
+        errors += (zstandard.ZstdError,)
+    except ImportError:
+        pass
+    return errors
 UTF8_BOM = b"\xef\xbb\xbf"
 BAD_INPUT_POLICIES = ("stop", "skip")
 
@@ -104,6 +134,9 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 raise DataError(f"{m}: is a folder; pass its files or a glob, e.g. '{Path(m) / '**' / '*.txt'}'")
             if not Path(m).is_file():
                 raise DataError(f"{m}: no such file")
+            if Path(m).name.lower().endswith(REFUSED_SUFFIXES):
+                raise DataError(f"{m}: a {Path(m).suffix} file is not text or JSONL; extract its documents first "
+                                f"(text, JSONL, optionally .gz/.bz2/.xz/.zst)")
             files.append(Path(m))
     return sorted(set(files), key=str)
 
@@ -115,7 +148,7 @@ def check_readable(files: list[Path]) -> None:
         try:
             with _open(path) as f:
                 f.read(1)
-        except (OSError, EOFError, zlib.error) as e:
+        except _read_errors() as e:
             raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
@@ -128,16 +161,17 @@ def _decode(raw: bytes, stats: CorpusStats) -> str:
 
 
 def _open(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    return DECOMPRESS.get(path.suffix, open)(path, "rb")
 
 
 def is_jsonl(path: Path) -> bool:
-    return path.name.endswith(JSONL_SUFFIXES)
+    name = path.name[: -len(path.suffix)] if path.suffix in DECOMPRESS else path.name
+    return name.endswith(JSONL_SUFFIXES)
 
 
 def splittable(path: Path) -> bool:
     """Whether byte ranges of the file can be read on their own: plain (not compressed) JSONL."""
-    return is_jsonl(path) and path.suffix != ".gz"
+    return is_jsonl(path) and path.suffix not in DECOMPRESS
 
 
 def line_start_at_or_after(path: Path, offset: int) -> int:
@@ -236,7 +270,7 @@ def read_piece(piece: Piece, text_field: str, stats: CorpusStats, on_bad: str = 
                     yield from _emit(text, stats)
             else:
                 yield from _emit(_decode(f.read(), stats), stats)
-        except (OSError, EOFError, zlib.error) as e:  # gzip raises BadGzipFile (an OSError) or EOFError when truncated
+        except _read_errors() as e:  # damaged or truncated: gzip raises BadGzipFile (an OSError) or EOFError
             bad(str(path), f"cannot read ({type(e).__name__}: {e})", "unreadable_files")
     stats.per_file[str(path)] = stats.per_file.get(str(path), 0) + stats.documents - before
 
