@@ -23,6 +23,7 @@ import bz2
 import glob
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -33,17 +34,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import zstandard
+
 from ..errors import DataError
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 def _open_zstd(path: Path, mode: str = "rb"):
-    import io
-
-    import zstandard
-
-    # zstandard's reader has no readline(); a buffer over it does (and closing the buffer closes the file)
+    """zstd's counterpart of gzip.open(path, "rb"), the only mode read here. zstandard's own reader has no readline():
+    a buffer over it has one (and closing the buffer closes the file)."""
+    assert mode == "rb", mode
     return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
 
 
@@ -51,18 +52,8 @@ def _open_zstd(path: Path, mode: str = "rb"):
 DECOMPRESS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _open_zstd}
 # Files that hold documents in a container this reader does not parse: read as text they would be bytes of garbage.
 REFUSED_SUFFIXES = (".zip", ".tar", ".tgz", ".7z", ".rar", ".parquet", ".arrow", ".feather", ".lz4", ".zstd")
-
-
-def _read_errors() -> tuple[type[BaseException], ...]:
-    """What a damaged or truncated input raises: gzip/bz2 an OSError or EOFError, xz an LZMAError, zstd a ZstdError."""
-    errors: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error, lzma.LZMAError)
-    try:
-        import zstandard
-
-        errors += (zstandard.ZstdError,)
-    except ImportError:
-        pass
-    return errors
+# What a damaged or truncated input raises: gzip and bz2 an OSError or EOFError, xz an LZMAError, zstd a ZstdError.
+READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstandard.ZstdError)
 UTF8_BOM = b"\xef\xbb\xbf"
 BAD_INPUT_POLICIES = ("stop", "skip")
 
@@ -148,7 +139,7 @@ def check_readable(files: list[Path]) -> None:
         try:
             with _open(path) as f:
                 f.read(1)
-        except _read_errors() as e:
+        except READ_ERRORS as e:
             raise DataError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
 
 
@@ -270,7 +261,7 @@ def read_piece(piece: Piece, text_field: str, stats: CorpusStats, on_bad: str = 
                     yield from _emit(text, stats)
             else:
                 yield from _emit(_decode(f.read(), stats), stats)
-        except _read_errors() as e:  # damaged or truncated: gzip raises BadGzipFile (an OSError) or EOFError
+        except READ_ERRORS as e:  # damaged or truncated: gzip raises BadGzipFile (an OSError) or EOFError
             bad(str(path), f"cannot read ({type(e).__name__}: {e})", "unreadable_files")
     stats.per_file[str(path)] = stats.per_file.get(str(path), 0) + stats.documents - before
 

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import DataError
+from ..errors import DataError, check_out_folder
 from .corpus import CorpusStats, dedup_key
 from .tokenizer import MODEL_FILE, Tokenizer
 
@@ -206,8 +206,6 @@ def check_out(out: Path) -> None:
         if foreign:
             raise DataError(f"{out}: not empty and not a dataset being prepared (holds {foreign[0]}); choose another "
                             f"--out")
-    from ..errors import check_out_folder
-
     check_out_folder(out, "shards: --out", DataError)
 
 

@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 
-from ..errors import DataError
+from ..errors import DataError, check_out_folder
 
 EOD_ID, PAD_ID, UNK_ID = 0, 1, 2
 CONTROL_SYMBOLS = ["\n", "\r", "\t"]
@@ -72,8 +72,6 @@ def train_tokenizer(documents: Iterable[str], out_dir: str | Path, vocab_size: i
 
 def check_tokenizer_args(out_dir: str | Path, vocab_size: int, model_type: str) -> None:
     """What `data tokenizer` can refuse before reading any input (sampling a corpus takes minutes)."""
-    from ..errors import check_out_folder
-
     if model_type not in ("bpe", "unigram"):
         raise DataError(f"tokenizer: unknown model type {model_type!r} (bpe, unigram)")
     least = 256 + 3 + len(CONTROL_SYMBOLS) + 1  # byte pieces, reserved ids, control symbols, one learned piece

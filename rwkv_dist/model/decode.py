@@ -41,6 +41,7 @@ class Decoder:
         if weights not in WEIGHT_FORMATS:
             raise ConfigError(f"Decoder: weights must be one of {', '.join(WEIGHT_FORMATS)}, got {weights!r}")
         self.weights = weights
+        self._gemv = cpu_extension().gemv if cpu_kernels_available() else None  # decided once, not per product
         self.cfg = model.cfg
         self.eps = model.cfg.layer_norm_eps
         with torch.no_grad():
@@ -78,12 +79,11 @@ class Decoder:
         scale = (w.abs().amax(dim=2) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         return torch.round(w / scale[..., None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale.contiguous()
 
-    @staticmethod
-    def _product(packed: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+    def _product(self, packed: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         """x [G, B, in] fp32 -> x @ W_g^T for each group g: [G, B, out] fp32. Without the CPU kernels (no compiler,
         warned once) the same products in torch: the weights widened to fp32, int8 rows times their scales."""
-        if cpu_kernels_available():
-            return cpu_extension().gemv(x.contiguous(), *packed)
+        if self._gemv is not None:
+            return self._gemv(x.contiguous(), *packed)
         y = torch.bmm(x, packed[0].float().transpose(1, 2))
         return y * packed[1][:, None, :] if len(packed) == 2 else y
 

@@ -54,14 +54,14 @@ def cpu_kernels_available() -> bool:
     module, error = _cpu_build()
     if module is None and os.environ.get("RWKV_DIST_CPU_KERNELS", "auto") == "require":
         raise errors.KernelBuildError(error)
-    if module is None and not _warned:
-        _warned.append(error)
-        warnings.warn(f"{error}; running the pure-PyTorch ops instead (correct, much slower)", RuntimeWarning,
-                      stacklevel=2)
+    if module is None:
+        _warn_once(error)
     return module is not None
 
 
-_warned: list[str] = []
+@functools.cache
+def _warn_once(error: str) -> None:
+    warnings.warn(f"{error}; running the pure-PyTorch ops instead (correct, much slower)", RuntimeWarning, stacklevel=3)
 
 
 @functools.cache
