@@ -147,6 +147,49 @@ def matmul_floor(model: nn.Module, tokens: int, reps: int = 3) -> float:
     return best
 
 
+class _TimedLinear(torch.autograd.Function):
+    """x @ W^T with the same three products as nn.Linear's autograd (forward; dy @ W and dy^T @ x backward), each
+    timed with perf_counter into `seconds` [0]: the step's matmul time measured inside the step itself."""
+
+    seconds = [0.0]
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        start = time.perf_counter()
+        y = x @ w.t()
+        _TimedLinear.seconds[0] += time.perf_counter() - start
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        start = time.perf_counter()
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dx, dw = (dy2 @ w).view(*x.shape[:-1], w.shape[1]), dy2.t() @ x.reshape(-1, x.shape[-1])
+        _TimedLinear.seconds[0] += time.perf_counter() - start
+        return dx, dw
+
+
+def matmuls_in_step(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor, vocab: int, steps: int):
+    """(matmul seconds, step seconds) per training step, medians over `steps`, with every (bias-free) nn.Linear's
+    products timed where they run: unlike matmul_floor this sees the step's real operands, caches and threads."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert all(m.bias is None for m in linears), "RWKV's linears have no bias"
+    for linear in linears:
+        linear.forward = lambda x, linear=linear: _TimedLinear.apply(x, linear.weight)
+    try:
+        shares = []
+        for _ in range(steps + 1):  # the first step runs the new autograd graph once
+            _TimedLinear.seconds[0] = 0.0
+            step = data[:, :-1].numel() / train_rate(model, opt, data, vocab, 1)
+            shares.append((_TimedLinear.seconds[0], step))
+        return statistics.median(s[0] for s in shares[1:]), statistics.median(s[1] for s in shares[1:])
+    finally:
+        for linear in linears:
+            del linear.forward
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-layer", type=int, default=4)
@@ -163,7 +206,7 @@ def main() -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (the trainer, and by default this bench, keep freed memory)")
     parser.add_argument("--matmul-floor", action="store_true",
-                        help="also time RWKV's matrix products alone per context: the ceiling of the ratio on this machine")
+                        help="also time RWKV's matrix products per context, alone and inside its steps: the ratio's ceiling here")
     parser.add_argument("--gpt-mlp-ratio", type=float, default=4.0, help="GPT MLP width / D; 4.5 matches RWKV's 13 D^2")
     args = parser.parse_args()
     L, D, V = args.n_layer, args.n_embd, args.vocab
@@ -200,7 +243,9 @@ def main() -> None:
         rwkv_flops = 6 * rwkv_matmul + WKV_FLOPS_PER_ELEMENT * L * D
         gpt_flops = 6 * gpt_matmul + 12 * L * ctx * D
         rwkv_rate, gpt_rate = statistics.median(rates["rwkv"]), statistics.median(rates["gpt"])
-        floor = matmul_floor(rwkv, batch * ctx) if args.matmul_floor else None
+        floor = None
+        if args.matmul_floor:
+            floor = matmul_floor(rwkv, batch * ctx), matmuls_in_step(*runs["rwkv"], data, V, args.rounds)
         rows.append((ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops, floor))
         del runs, rwkv, gpt
 
@@ -232,12 +277,19 @@ def main() -> None:
     for ctx, batch, rwkv_rate, gpt_rate, _, _, floor in rows:
         if floor is None:
             continue
-        tokens = batch * ctx
+        (alone, (inside, timed_step)), tokens = floor, batch * ctx
         step, gpt_step = tokens / rwkv_rate, tokens / gpt_rate
+        gflops = 6 * rwkv_matmul * tokens / 1e9
         print(
-            f"ctx {ctx}: RWKV's matmuls alone {floor:.3f} s/step ({6 * rwkv_matmul * tokens / floor / 1e9:.0f} GFLOP/s)"
+            f"ctx {ctx}: RWKV's matmuls alone {alone:.3f} s/step ({gflops / alone:.0f} GFLOP/s)"
             f" of its {step:.3f} s step; with everything else at zero the ratio could reach "
-            f"{gpt_step / floor:.2f}x (GPT step {gpt_step:.3f} s)"
+            f"{gpt_step / alone:.2f}x (GPT step {gpt_step:.3f} s)"
+        )
+        budget = gpt_step / 4 - inside
+        needs = f"4x needs the rest under {budget:.3f} s" if budget > 0 else "4x is out of reach: matmuls > GPT step / 4"
+        print(
+            f"ctx {ctx}: timed inside RWKV's steps, its matmuls took {inside:.3f} s ({gflops / inside:.0f} GFLOP/s) of "
+            f"{timed_step:.3f} s, the rest {timed_step - inside:.3f} s: ceiling {gpt_step / inside:.2f}x; {needs}"
         )
 
 
