@@ -1,7 +1,7 @@
 """Process-group setup for the trainer: the same code under torchrun, the deepspeed launcher, Ray, or alone.
 
-Launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a lone process gets a world of one on a
-free local port. CPU runs use gloo (DS_ACCELERATOR=cpu), GPU runs NCCL.
+Launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a lone process gets a world of one through an
+in-process store (no port). CPU runs use gloo (DS_ACCELERATOR=cpu), GPU runs NCCL.
 
 Every collective the trainer issues itself goes through World's methods, which put the tensors on the communication
 device first: NCCL only accepts CUDA tensors, so a CPU tensor handed to it fails the first step of every GPU run.
@@ -10,7 +10,6 @@ device first: NCCL only accepts CUDA tensors, so a CPU tensor handed to it fails
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -65,20 +64,15 @@ class World:
             dist.barrier()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup() -> World:
     """Join (or, alone, create) the default process group, or adopt the launcher's; idempotent."""
     use_cuda = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         keep_freed_cpu_memory()  # a CPU step's activations reuse freed memory, not fresh pages (~25% at ctx 8192)
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    alone = "WORLD_SIZE" not in os.environ
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     # DeepSpeed calls torch.distributed functions that torch 2.13 deprecates, once per collective
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed", category=FutureWarning)
     import deepspeed
@@ -92,7 +86,13 @@ def setup() -> World:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     # also when a launcher (Ray Train) already formed the group: DeepSpeed's own comm layer must wrap it, or its config
     # checks (ZeRO-3 construction) see a world of one
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
+    backend = "nccl" if use_cuda else "gloo"
+    if alone and not dist.is_initialized():
+        # a world of one meets itself through an in-process store, not a TCP port: a free port picked here would
+        # only be bound seconds later (after DeepSpeed's import), and processes started side by side (a sweep's
+        # runs, a test suite) took it in between (EADDRINUSE)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
