@@ -6,6 +6,10 @@
 #include <cstdint>
 #include <cstring>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 // Half-precision storage in registers: _Float16 where C++ has it (GCC >= 12 and clang >= 15 on x86), __fp16 on ARM
 // (where GCC 12's C++ still lacks _Float16), and otherwise lane-by-lane conversions through c10's own IEEE routines:
 // GCC 11, the default compiler of Ubuntu 22.04 and RHEL 9, has neither type on x86.
@@ -84,10 +88,17 @@ struct Io<float> {
 template <>
 struct Io<Bf16> {
     static WKV_INLINE vf load(const Bf16* p) {
+#ifdef __AVX2__  // GCC widens the generic form in two halves (4 shuffles per 8 lanes, ~2x slower on Intel cores)
+        const __m256i bits = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16);
+        vf x;
+        std::memcpy(&x, &bits, sizeof x);
+        return x;
+#else
         vu16 h;
         std::memcpy(&h, p, sizeof h);
         const vu bits = __builtin_convertvector(h, vu) << 16;
         return (vf)bits;
+#endif
     }
     // Round to nearest even, NaN -> 0x7FC0: c10::BFloat16's conversion, lane by lane.
     static WKV_INLINE void store(Bf16* p, vf x) {

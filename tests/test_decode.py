@@ -169,12 +169,13 @@ def test_narrow_weights_decode_as_fp32_decode_of_the_stored_weights(weights, bat
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
 def test_gemv_kernel_equals_float64(dtype):
     """csrc/gemv_cpu.cpp: y[g, b, o] = scale[g, o] sum_i x[g, b, i] w[g, o, i] against float64, for batch sizes that
-    take each of its paths (8, 4, 2, 1 rows at once and their mixes) and widths with a vector and a scalar tail."""
+    take each of its paths (8, 4, 2, 1 rows at once and their mixes; batch 1 two weight rows at once, an odd last row
+    per group, threaded or not) and widths with a vector and a scalar tail."""
     from rwkv_dist.ops._build import cpu_extension
 
     gemv = cpu_extension().gemv
     gen = torch.Generator().manual_seed(0)
-    for groups, batch, width, out in [(1, 1, 768, 40), (3, 2, 37, 11), (3, 5, 100, 9), (2, 15, 64, 7), (1, 17, 5, 3)]:
+    for groups, batch, width, out in [(1, 1, 768, 40), (3, 1, 37, 11), (2, 1, 24, 7), (2, 1, 5, 3), (3, 1, 1000, 13), (3, 2, 37, 11), (3, 5, 100, 9), (2, 15, 64, 7), (1, 17, 5, 3)]:
         x = torch.randn(groups, batch, width, generator=gen)
         if dtype == torch.int8:
             w = torch.randint(-127, 128, (groups, out, width), generator=gen, dtype=torch.int8)
