@@ -398,11 +398,19 @@ def test_the_deepspeed_launcher_runs_the_same_training(runs, data, tmp_path):
 
 
 def _free_port() -> int:
+    """A port that binds now, below Linux's ephemeral range (32768+): the ranks bind it seconds later, and a port the
+    kernel hands out (bind to 0) can meanwhile become another process's outgoing connection."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for port in random.Random(os.getpid()).sample(range(20000, 32000), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-31999")
 
 
 def test_precision_auto_follows_the_cpu(data, tmp_path):
