@@ -175,7 +175,9 @@ def test_gemv_kernel_equals_float64(dtype):
 
     gemv = cpu_extension().gemv
     gen = torch.Generator().manual_seed(0)
-    for groups, batch, width, out in [(1, 1, 768, 40), (3, 1, 37, 11), (2, 1, 24, 7), (2, 1, 5, 3), (3, 1, 1000, 13), (3, 2, 37, 11), (3, 5, 100, 9), (2, 15, 64, 7), (1, 17, 5, 3)]:
+    shapes = [(1, 1, 768, 40), (3, 1, 37, 11), (2, 1, 24, 7), (2, 1, 5, 3), (3, 1, 1000, 13),  # batch 1: row pairs
+              (3, 2, 37, 11), (3, 5, 100, 9), (2, 15, 64, 7), (1, 17, 5, 3)]
+    for groups, batch, width, out in shapes:
         x = torch.randn(groups, batch, width, generator=gen)
         if dtype == torch.int8:
             w = torch.randint(-127, 128, (groups, out, width), generator=gen, dtype=torch.int8)

@@ -1,7 +1,7 @@
 """Process-group setup for the trainer: the same code under torchrun, the deepspeed launcher, Ray, or alone.
 
-Launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a lone process gets a world of one through an
-in-process store (no port). CPU runs use gloo (DS_ACCELERATOR=cpu), GPU runs NCCL.
+Launchers export RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; a lone process gets a world of one
+through an in-process store (no port). CPU runs use gloo (DS_ACCELERATOR=cpu), GPU runs NCCL.
 
 Every collective the trainer issues itself goes through World's methods, which put the tensors on the communication
 device first: NCCL only accepts CUDA tensors, so a CPU tensor handed to it fails the first step of every GPU run.
