@@ -243,10 +243,10 @@ def main() -> None:
         rwkv_flops = 6 * rwkv_matmul + WKV_FLOPS_PER_ELEMENT * L * D
         gpt_flops = 6 * gpt_matmul + 12 * L * ctx * D
         rwkv_rate, gpt_rate = statistics.median(rates["rwkv"]), statistics.median(rates["gpt"])
-        floor = None
+        matmuls = None  # (seconds alone, (seconds inside the step, step seconds))
         if args.matmul_floor:
-            floor = matmul_floor(rwkv, batch * ctx), matmuls_in_step(*runs["rwkv"], data, V, args.rounds)
-        rows.append((ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops, floor))
+            matmuls = matmul_floor(rwkv, batch * ctx), matmuls_in_step(*runs["rwkv"], data, V, args.rounds)
+        rows.append((ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops, matmuls))
         del runs, rwkv, gpt
 
     print(
@@ -274,10 +274,10 @@ def main() -> None:
         )
     print("ratio = RWKV tok/s / GPT tok/s; FLOP ratio = GPT / RWKV FLOPs per token (the ratio at equal FLOP/s); "
           "causal: attention's lower triangle only")
-    for ctx, batch, rwkv_rate, gpt_rate, _, _, floor in rows:
-        if floor is None:
+    for ctx, batch, rwkv_rate, gpt_rate, _, _, matmuls in rows:
+        if matmuls is None:
             continue
-        (alone, (inside, timed_step)), tokens = floor, batch * ctx
+        (alone, (inside, timed_step)), tokens = matmuls, batch * ctx
         step, gpt_step = tokens / rwkv_rate, tokens / gpt_rate
         gflops = 6 * rwkv_matmul * tokens / 1e9
         print(

@@ -19,13 +19,17 @@ from .model.config import RWKVConfig, refuse_bools_for_numbers
 T = TypeVar("T", bound=BaseModel)
 
 
-class OptimizerConfig(BaseModel):
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable, numbers are finite (an inf passes
+    gt=0 and breaks far from the config: a LR schedule's math error, a sampler's weights)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    _no_bools = model_validator(mode="before")(classmethod(refuse_bools_for_numbers))  # `steps: true` is not 1
+
+
+class OptimizerConfig(Section):
     """The paper's recipe: Adam, no weight decay, LR from lr_init to lr_final (warmup, then exponential decay)."""
 
-    # allow_inf_nan=False: `lr_init: .inf` passes gt=0 and would fail as a math error inside the LR schedule
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    _no_bools = model_validator(mode="before")(classmethod(refuse_bools_for_numbers))
     lr_init: float = Field(gt=0)
     lr_final: float = Field(gt=0)
     warmup_steps: int = Field(default=0, ge=0)
@@ -93,14 +97,6 @@ def load_model_file(path: str | Path) -> ModelFile:
 
 
 # ---- the run config (rwkv-dist train) ----------------------------------------------------------------------------
-
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values are immutable, numbers are finite (an inf passes
-    gt=0 and breaks far from the config: a LR schedule's math error, a sampler's weights)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-    _no_bools = model_validator(mode="before")(classmethod(refuse_bools_for_numbers))  # `steps: true` is not 1
 
 
 class SourceConfig(Section):
