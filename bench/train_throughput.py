@@ -4,7 +4,9 @@
                                                [--tokens-per-step 4096] [--rounds 5] [--steps 1]
 
 One training step is forward + cross entropy on random tokens + backward + torch.optim.AdamW step, fp32, on all the
-machine's cores unless --threads says otherwise. Both models get the same tokens per step (batch = tokens-per-step /
+machine's cores unless --threads says otherwise. The cross entropy is the trainer's (rwkv_dist.train.loss.lm_loss,
+without L2Wrap: its fused CPU kernel) for both models; --torch-loss gives both F.cross_entropy instead, whose
+[N, V] passes cost ~80 ms of a step at ctx 8192 here (the issue's first figures were measured with it). Both models get the same tokens per step (batch = tokens-per-step /
 context: 4 at 1024, 1 at 4096).
 The GPT baseline is defined here: pre-LayerNorm, learned positional embedding, causal self-attention through
 F.scaled_dot_product_attention with n_embd/64 heads, 4x GELU MLP, untied head; with the same L and D its parameter
@@ -39,6 +41,13 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from rwkv_dist.model import RWKV, RWKVConfig  # noqa: E402
 from rwkv_dist.train.hardware import keep_freed_cpu_memory  # noqa: E402
+from rwkv_dist.train.loss import lm_loss  # noqa: E402
+
+LOSSES = {
+    "trainer": lambda logits, targets: lm_loss(logits, targets, l2wrap=False),
+    "torch": F.cross_entropy,
+}
+LOSS = [LOSSES["trainer"]]  # the loss every step uses (--torch-loss switches)
 
 # WKV forward + backward (which recomputes the forward from checkpoints), elementwise ops per token, layer and channel,
 # counting exp, max and division as one each. Rough, and tiny next to the matmuls; it is here to show it is O(L*D).
@@ -122,7 +131,7 @@ def train_rate(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor,
     start = time.perf_counter()
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs).view(-1, vocab), targets)
+        loss = LOSS[0](model(inputs).view(-1, vocab), targets)
         loss.backward()
         opt.step()
     return steps * inputs.numel() / (time.perf_counter() - start)
@@ -207,12 +216,15 @@ def main() -> None:
                         help="leave glibc's malloc as it is (the trainer, and by default this bench, keep freed memory)")
     parser.add_argument("--matmul-floor", action="store_true",
                         help="also time RWKV's matrix products per context, alone and inside its steps: the ratio's ceiling here")
+    parser.add_argument("--torch-loss", action="store_true",
+                        help="F.cross_entropy for both models instead of the trainer's fused loss")
     parser.add_argument("--gpt-mlp-ratio", type=float, default=4.0, help="GPT MLP width / D; 4.5 matches RWKV's 13 D^2")
     args = parser.parse_args()
     L, D, V = args.n_layer, args.n_embd, args.vocab
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(args.threads or cores)
     kept = not args.default_malloc and keep_freed_cpu_memory()
+    LOSS[0] = LOSSES["torch" if args.torch_loss else "trainer"]
 
     rwkv_cfg = RWKVConfig(n_layer=L, n_embd=D, vocab_size=V, ctx_len=max(args.contexts))
     rwkv_params = rwkv_cfg.num_params()
@@ -252,7 +264,8 @@ def main() -> None:
     print(
         f"Training step (fwd + bwd + AdamW), fp32, CPU, L{L} D{D} V{V}, {args.tokens_per_step} tokens/step, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} x {args.steps} step(s) after {args.warmup} warm-up, "
-        f"malloc {'keeps freed memory (as the trainer)' if kept else 'as glibc defaults'}"
+        f"malloc {'keeps freed memory (as the trainer)' if kept else 'as glibc defaults'}, "
+        f"loss {'F.cross_entropy' if args.torch_loss else 'lm_loss (fused kernel)'}"
     )
     print(f"params  RWKV {rwkv_params:,} (matmul {rwkv_matmul:,})")
     gpt_counts = ", ".join(f"{gpt_params[c]:,} at ctx {c} ({gpt_params[c] / rwkv_params - 1:+.1%})" for c in args.contexts)

@@ -370,6 +370,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("squared_relu_backward", &cpuops::squared_relu_backward, "(x, g) -> gx");
     m.def("sigmoid_gate_forward", &cpuops::sigmoid_gate_forward, "sigmoid(r) * y");
     m.def("sigmoid_gate_backward", &cpuops::sigmoid_gate_backward, "(r, y, g) -> (gr, gy)");
+    m.def("cross_entropy_forward", &cpuops::cross_entropy_forward,
+          "(logits[N,V], targets[N]) -> (loss, lse, top, argmax) per row, fp32 math");
+    m.def("cross_entropy_backward", &cpuops::cross_entropy_backward,
+          "(logits, targets, lse, top, argmax, scale, extra) -> grad[N,V]");
     m.def("gemv", &cpuops::gemv, "y[g,b,o] = scale[g,o] * sum_i x[g,b,i] w[g,o,i]: x fp32, w fp32/bf16/int8, fp32 math",
           pybind11::arg("x"), pybind11::arg("w"), pybind11::arg("scale") = pybind11::none());
 }

@@ -20,13 +20,14 @@ def _cache_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR") or str(Path.home() / ".cache" / "torch_extensions")
 
 
-CPU_SOURCES = ("wkv4_cpu.cpp", "mix_cpu.cpp", "gemv_cpu.cpp")
+CPU_SOURCES = ("wkv4_cpu.cpp", "mix_cpu.cpp", "loss_cpu.cpp", "gemv_cpu.cpp")
 
 
 def cpu_extension():
-    """The OpenMP CPU kernels (csrc/wkv4_cpu.cpp: WKV; csrc/mix_cpu.cpp: a block's elementwise ops; csrc/gemv_cpu.cpp:
-    decoding's matrix-vector products over fp32/bf16/int8 weights), one extension; about 15 s to build on 2 cores the
-    first time (only wkv4_cpu.cpp includes torch's Python glue, see csrc/cpu_torch.h), then loaded from the cache.
+    """The OpenMP CPU kernels (csrc/wkv4_cpu.cpp: WKV; csrc/mix_cpu.cpp: a block's elementwise ops; csrc/loss_cpu.cpp:
+    the cross-entropy loss; csrc/gemv_cpu.cpp: decoding's matrix-vector products over fp32/bf16/int8 weights), one
+    extension; about 15 s to build on 2 cores the first time (only wkv4_cpu.cpp includes torch's Python glue, see
+    csrc/cpu_torch.h), then loaded from the cache.
     Raises errors.KernelBuildError (one line) when it cannot be built; cpu_kernels_available() is the quiet test.
 
     The kernel is written with explicit SIMD vectors (GCC vector extensions) and its own inlined exp, so it needs no
