@@ -8,6 +8,7 @@
 // OpenMP runs a call on one thread when it is too small to be worth waking the others (a decode step).
 #include <algorithm>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -55,24 +56,34 @@ struct Mix {
     int64_t B, T, D;
 };
 
-// The previous position's x for row r = b * T + t, vector at channel c (m lanes).
+// The previous row's vector at channel c (m lanes): from x's storage type, from the fp32 state, or zeros.
 template <class F>
-WKV_INLINE vf previous(const Mix<F>& a, int64_t r, int64_t c, int m) {
-    const int64_t t = r % a.T;
-    if (t > 0) return load<false>(a.x + (r - 1) * a.D + c, m);
-    return a.last ? load<false>(a.last + (r / a.T) * a.D + c, m) : vf{};
+WKV_INLINE vf previous(const F* prev_x, const float* prev_last, int64_t c, int m) {
+    if (prev_x) return load<false>(prev_x + c, m);
+    return prev_last ? load<false>(prev_last + c, m) : vf{};
+}
+
+// (previous row in x, previous row in `last`) for row r = b * T + t: one of them, or neither (zeros). Found once per
+// row: the kernels used to divide r by T for every vector of a row.
+template <class F>
+WKV_INLINE std::pair<const F*, const float*> previous_rows(const Mix<F>& a, int64_t r) {
+    if (r % a.T > 0) return {a.x + (r - 1) * a.D, nullptr};
+    return {nullptr, a.last ? a.last + (r / a.T) * a.D : nullptr};
 }
 
 template <class F>
 void mix_forward(const Mix<F>& a, F* const* out) {
     split(a.B * a.T, threads_for(a.B * a.T * a.D), [&](int, int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r)
+        for (int64_t r = r0; r < r1; ++r) {
+            const auto [prev_x, prev_last] = previous_rows(a, r);
+            const F* x_row = a.x + r * a.D;
             for (int64_t c = 0; c < a.D; c += kWidth) {
                 const int m = static_cast<int>(std::min<int64_t>(kWidth, a.D - c));
-                const vf x = load<false>(a.x + r * a.D + c, m), prev = previous(a, r, c, m), d = x - prev;
+                const vf x = load<false>(x_row + c, m), prev = previous(prev_x, prev_last, c, m), d = x - prev;
                 for (int i = 0; i < a.n; ++i)
                     store<false>(out[i] + r * a.D + c, prev + load<false>(a.mu + i * a.D + c, m) * d, m);
             }
+        }
     });
 }
 
@@ -85,9 +96,11 @@ void mix_backward(const Mix<F>& a, const F* const* g, F* gx, float* g_last, floa
         float* acc = partial.data() + static_cast<int64_t>(id) * a.n * a.D;
         for (int64_t r = r0; r < r1; ++r) {
             const bool has_next = r % a.T + 1 < a.T, first = r % a.T == 0;
+            const auto [prev_x, prev_last] = previous_rows(a, r);
+            const F* x_row = a.x + r * a.D;
             for (int64_t c = 0; c < a.D; c += kWidth) {
                 const int m = static_cast<int>(std::min<int64_t>(kWidth, a.D - c));
-                const vf d = load<false>(a.x + r * a.D + c, m) - previous(a, r, c, m);
+                const vf d = load<false>(x_row + c, m) - previous(prev_x, prev_last, c, m);
                 vf grad = {}, grad_last = {};
                 for (int i = 0; i < a.n; ++i) {
                     const vf mu = load<false>(a.mu + i * a.D + c, m), gi = load<false>(g[i] + r * a.D + c, m);
