@@ -7,6 +7,10 @@ autograd (what HF transformers runs on CPU). Both use torch's default thread cou
 kernel with bf16 k/v (read and written as bf16, fp32 math), and what the numbers depend on: the CPU's SIMD flags,
 torch's kernel capability (ATEN_CPU_CAPABILITY, which the loop runs on) and the -march the kernel was built for
 (RWKV_DIST_WKV_CPU_MARCH, default native; x86-64-v3 gives the AVX2-only picture on a newer CPU).
+Both run under the trainer's allocator setting (rwkv_dist.train.hardware.keep_freed_cpu_memory), as
+bench/train_throughput.py does: with glibc's defaults each call page-faults its fresh [B, T, C] outputs in (~1-3k
+faults, 2-7 ms of a ~13 ms kernel fwd+bwd here), which measures the allocator, not the kernel; --default-malloc
+measures that way.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from rwkv_dist.ops import wkv4  # noqa: E402
+from rwkv_dist.train.hardware import keep_freed_cpu_memory  # noqa: E402
 
 
 def timed(fn, repeat: int) -> float:
@@ -55,8 +60,11 @@ def main() -> None:
     parser.add_argument("--B", type=int, default=8)
     parser.add_argument("--T", type=int, default=1024)
     parser.add_argument("--C", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=7, help="timed calls of the kernel (the naive loop: one)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is (the trainer, and by default this bench, keep freed memory)")
     args = parser.parse_args()
+    kept = not args.default_malloc and keep_freed_cpu_memory()
     g = torch.Generator().manual_seed(0)
     w = -torch.exp(torch.randn(args.C, generator=g))
     u = torch.randn(args.C, generator=g) * 0.5
@@ -90,7 +98,8 @@ def main() -> None:
     results["bf16"] = (timed(forward_bf16, args.repeat), timed(forward_backward_bf16, args.repeat))
 
     elements = args.B * args.T * args.C
-    print(f"WKV fp32 B={args.B} T={args.T} C={args.C} ({elements / 1e6:.1f}M elements), {torch.get_num_threads()} threads")
+    print(f"WKV fp32 B={args.B} T={args.T} C={args.C} ({elements / 1e6:.1f}M elements), {torch.get_num_threads()} threads, "
+          f"median of {args.repeat} kernel calls, malloc {'keeps freed memory (as the trainer)' if kept else 'as glibc defaults'}")
     print(f"CPU: {cpu_summary()}; torch capability {torch.backends.cpu.get_cpu_capability()}; "
           f"kernel -march={os.environ.get('RWKV_DIST_WKV_CPU_MARCH', 'native')}")
     print(f"{'':28s}{'forward':>12s}{'fwd+bwd':>12s}")
