@@ -70,7 +70,9 @@ constexpr int kPrefetchBytes = 4096;
 
 // NB batch rows against one weight row: NB * U independent accumulators (U unrolls along `in` so that even one batch
 // row keeps several FMAs in flight), the row prefetched ahead (a 38 MB head at batch 4 from DRAM: int8 6.7 -> 3.4 ms,
-// bf16 7.4 -> 5.1, fp32 8.9 -> 8.2).
+// bf16 7.4 -> 5.1, fp32 8.9 -> 8.2). Batch 1 takes this path too: a variant reading two weight rows per pass (each x
+// vector feeding two FMAs) decoded the 169M shape at 41 tok/s in fp32 on a Zen 4 EPYC against 59.5 for this one
+// (bf16 71 vs 104, int8 116 vs 194; bench/results/decode.txt).
 template <class W, int NB>
 WKV_INLINE void dot_rows(const float* x, int64_t in, const W* row, float scale, float* y, int64_t out) {
     constexpr int U = NB >= 4 ? 1 : 4 / NB;
@@ -96,53 +98,10 @@ WKV_INLINE void dot_rows(const float* x, int64_t in, const W* row, float scale, 
     }
 }
 
-// Batch 1: two weight rows per pass, each with two accumulators, so that every x vector loaded feeds two FMAs, and a
-// software prefetch ahead of both row streams: bf16 and int8 rows are consumed faster per cache line than the hardware
-// prefetcher fetched them (a 38 MB int8 head streamed at 10 GB/s from DRAM without, 17 GB/s with; fp32 22 -> 25+).
-template <class W>
-WKV_INLINE void dot_two_rows(const float* x, int64_t in, const W* row, const float* scale, float* y) {
-    vf a0 = {}, a1 = {}, b0 = {}, b1 = {};
-    const W* next = row + in;
-    int64_t i = 0;
-    for (; i + 2 * kWidth <= in; i += 2 * kWidth) {
-        __builtin_prefetch(reinterpret_cast<const char*>(row + i) + kPrefetchBytes);
-        __builtin_prefetch(reinterpret_cast<const char*>(next + i) + kPrefetchBytes);
-        const vf x0 = Io<float>::load(x + i), x1 = Io<float>::load(x + i + kWidth);
-        a0 += Widen<W>::lanes(row + i) * x0;
-        b0 += Widen<W>::lanes(next + i) * x0;
-        a1 += Widen<W>::lanes(row + i + kWidth) * x1;
-        b1 += Widen<W>::lanes(next + i + kWidth) * x1;
-    }
-    for (; i + kWidth <= in; i += kWidth) {
-        const vf x0 = Io<float>::load(x + i);
-        a0 += Widen<W>::lanes(row + i) * x0;
-        b0 += Widen<W>::lanes(next + i) * x0;
-    }
-    float sa = sum_lanes(a0 + a1), sb = sum_lanes(b0 + b1);
-    for (int64_t j = i; j < in; ++j) {
-        sa += Widen<W>::one(row[j]) * x[j];
-        sb += Widen<W>::one(next[j]) * x[j];
-    }
-    y[0] = sa * (scale ? scale[0] : 1.f);
-    y[1] = sb * (scale ? scale[1] : 1.f);
-}
-
 template <class W>
 void gemv(const float* x, const W* w, const float* scale, float* y, int64_t G, int64_t B, int64_t in, int64_t out) {
     const int64_t rows = G * out;
     const bool parallel = rows * in >= (1 << 15);  // a small product runs on one thread, not worth waking the others
-    if (B == 1) {  // y [G, 1, out] is y [G * out]: row r's output is y[r]
-        const int64_t pairs = (out + 1) / 2;
-#pragma omp parallel for schedule(static) if (parallel)
-        for (int64_t p = 0; p < G * pairs; ++p) {
-            const int64_t g = p / pairs, r = g * out + 2 * (p % pairs);
-            if (2 * (p % pairs) + 1 < out)
-                dot_two_rows(x + g * in, in, w + r * in, scale ? scale + r : nullptr, y + r);
-            else
-                dot_rows<W, 1>(x + g * in, in, w + r * in, scale ? scale[r] : 1.f, y + r, out);
-        }
-        return;
-    }
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t g = r / out, o = r % out;
