@@ -6,8 +6,8 @@
 One training step is forward + cross entropy on random tokens + backward + torch.optim.AdamW step, fp32, on all the
 machine's cores unless --threads says otherwise. The cross entropy is the trainer's (rwkv_dist.train.loss.lm_loss,
 without L2Wrap: its fused CPU kernel) for both models; --torch-loss gives both F.cross_entropy instead, whose
-[N, V] passes cost ~80 ms of a step at ctx 8192 here (the issue's first figures were measured with it). Both models get the same tokens per step (batch = tokens-per-step /
-context: 4 at 1024, 1 at 4096).
+[N, V] passes cost ~40 ms more of a step at ctx 8192 here (the issue's first figures were measured with it).
+Both models get the same tokens per step (batch = tokens-per-step / context: 4 at 1024, 1 at 4096).
 The GPT baseline is defined here: pre-LayerNorm, learned positional embedding, causal self-attention through
 F.scaled_dot_product_attention with n_embd/64 heads, 4x GELU MLP, untied head; with the same L and D its parameter
 count is RWKV's within a few percent (RWKV-4 blocks hold 13 D^2 matmul weights, GPT blocks 12 D^2; the positional
@@ -48,6 +48,7 @@ LOSSES = {
     "torch": F.cross_entropy,
 }
 LOSS = [LOSSES["trainer"]]  # the loss every step uses (--torch-loss switches)
+MALLOC = {True: "keeps freed memory (as the trainer)", False: "as glibc defaults"}
 
 # WKV forward + backward (which recomputes the forward from checkpoints), elementwise ops per token, layer and channel,
 # counting exp, max and division as one each. Rough, and tiny next to the matmuls; it is here to show it is O(L*D).
@@ -264,8 +265,7 @@ def main() -> None:
     print(
         f"Training step (fwd + bwd + AdamW), fp32, CPU, L{L} D{D} V{V}, {args.tokens_per_step} tokens/step, "
         f"{torch.get_num_threads()} threads, median of {args.rounds} x {args.steps} step(s) after {args.warmup} warm-up, "
-        f"malloc {'keeps freed memory (as the trainer)' if kept else 'as glibc defaults'}, "
-        f"loss {'F.cross_entropy' if args.torch_loss else 'lm_loss (fused kernel)'}"
+        f"malloc {MALLOC[kept]}, loss {'F.cross_entropy' if args.torch_loss else 'lm_loss (fused kernel)'}"
     )
     print(f"params  RWKV {rwkv_params:,} (matmul {rwkv_matmul:,})")
     gpt_counts = ", ".join(f"{gpt_params[c]:,} at ctx {c} ({gpt_params[c] / rwkv_params - 1:+.1%})" for c in args.contexts)

@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--C", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=7, help="timed calls of the kernel (the naive loop: one)")
     parser.add_argument("--default-malloc", action="store_true",
-                        help="leave glibc's malloc as it is (the trainer, and by default this bench, keep freed memory)")
+                        help="leave glibc's malloc as it is (the trainer and, by default, this bench keep it)")
     args = parser.parse_args()
     kept = not args.default_malloc and keep_freed_cpu_memory()
     g = torch.Generator().manual_seed(0)
@@ -98,8 +98,9 @@ def main() -> None:
     results["bf16"] = (timed(forward_bf16, args.repeat), timed(forward_backward_bf16, args.repeat))
 
     elements = args.B * args.T * args.C
-    print(f"WKV fp32 B={args.B} T={args.T} C={args.C} ({elements / 1e6:.1f}M elements), {torch.get_num_threads()} threads, "
-          f"median of {args.repeat} kernel calls, malloc {'keeps freed memory (as the trainer)' if kept else 'as glibc defaults'}")
+    malloc = "keeps freed memory (as the trainer)" if kept else "as glibc defaults"
+    print(f"WKV fp32 B={args.B} T={args.T} C={args.C} ({elements / 1e6:.1f}M elements), {torch.get_num_threads()} "
+          f"threads, median of {args.repeat} kernel calls, malloc {malloc}")
     print(f"CPU: {cpu_summary()}; torch capability {torch.backends.cpu.get_cpu_capability()}; "
           f"kernel -march={os.environ.get('RWKV_DIST_WKV_CPU_MARCH', 'native')}")
     print(f"{'':28s}{'forward':>12s}{'fwd+bwd':>12s}")

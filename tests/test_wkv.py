@@ -339,7 +339,8 @@ def test_other_cpus_and_compilers_builds_match_closed_form(build, tmp_path):
         env["CXX"] = "g++-11"
     tests = ("(closed_form or non_finite or segments or low_precision or backends_agree or gemv_kernel or match_float64)"
              " and not reference and not long_seq and not builds_match")  # not this test (its name matches closed_form)
-    files = [__file__, *(str(Path(__file__).with_name(name)) for name in ("test_decode.py", "test_mixing.py"))]
+    others = ("test_decode.py", "test_mixing.py", "test_loss.py")
+    files = [__file__, *(str(Path(__file__).with_name(name)) for name in others)]
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", tests],
                           capture_output=True, text=True, env=env, timeout=900, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
