@@ -26,7 +26,7 @@ CPU_SOURCES = ("wkv4_cpu.cpp", "mix_cpu.cpp", "loss_cpu.cpp", "gemv_cpu.cpp")
 def cpu_extension():
     """The OpenMP CPU kernels (csrc/wkv4_cpu.cpp: WKV; csrc/mix_cpu.cpp: a block's elementwise ops; csrc/loss_cpu.cpp:
     the cross-entropy loss; csrc/gemv_cpu.cpp: decoding's matrix-vector products over fp32/bf16/int8 weights), one
-    extension; about 15 s to build on 2 cores the first time (only wkv4_cpu.cpp includes torch's Python glue, see
+    extension; about 20 s to build on 2 cores the first time (only wkv4_cpu.cpp includes torch's Python glue, see
     csrc/cpu_torch.h), then loaded from the cache.
     Raises errors.KernelBuildError (one line) when it cannot be built; cpu_kernels_available() is the quiet test.
 
