@@ -43,11 +43,10 @@ from rwkv_dist.model import RWKV, RWKVConfig  # noqa: E402
 from rwkv_dist.train.hardware import keep_freed_cpu_memory  # noqa: E402
 from rwkv_dist.train.loss import lm_loss  # noqa: E402
 
-LOSSES = {
+LOSSES = {  # --torch-loss picks "torch"
     "trainer": lambda logits, targets: lm_loss(logits, targets, l2wrap=False),
     "torch": F.cross_entropy,
 }
-LOSS = [LOSSES["trainer"]]  # the loss every step uses (--torch-loss switches)
 MALLOC = {True: "keeps freed memory (as the trainer)", False: "as glibc defaults"}
 
 # WKV forward + backward (which recomputes the forward from checkpoints), elementwise ops per token, layer and channel,
@@ -126,13 +125,14 @@ def gpt_matmul_params(L: int, D: int, V: int, hidden: int) -> int:
     return L * (4 * D * D + 2 * D * hidden) + V * D
 
 
-def train_rate(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor, vocab: int, steps: int) -> float:
+def train_rate(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor, vocab: int, steps: int,
+               loss_fn=LOSSES["trainer"]) -> float:
     """Tokens per second over `steps` training steps on data [B, T + 1] (inputs data[:, :-1], targets data[:, 1:])."""
     inputs, targets = data[:, :-1], data[:, 1:].reshape(-1)
     start = time.perf_counter()
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss = LOSS[0](model(inputs).view(-1, vocab), targets)
+        loss = loss_fn(model(inputs).view(-1, vocab), targets)
         loss.backward()
         opt.step()
     return steps * inputs.numel() / (time.perf_counter() - start)
@@ -181,7 +181,7 @@ class _TimedLinear(torch.autograd.Function):
         return dx, dw
 
 
-def matmuls_in_step(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor, vocab: int, steps: int):
+def matmuls_in_step(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Tensor, vocab: int, steps: int, loss_fn):
     """(matmul seconds, step seconds) per training step, medians over `steps`, with every (bias-free) nn.Linear's
     products timed where they run: unlike matmul_floor this sees the step's real operands, caches and threads."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -192,7 +192,7 @@ def matmuls_in_step(model: nn.Module, opt: torch.optim.Optimizer, data: torch.Te
         shares = []
         for _ in range(steps + 1):  # the first step runs the new autograd graph once
             _TimedLinear.seconds[0] = 0.0
-            step = data[:, :-1].numel() / train_rate(model, opt, data, vocab, 1)
+            step = data[:, :-1].numel() / train_rate(model, opt, data, vocab, 1, loss_fn)
             shares.append((_TimedLinear.seconds[0], step))
         return statistics.median(s[0] for s in shares[1:]), statistics.median(s[1] for s in shares[1:])
     finally:
@@ -225,7 +225,7 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(args.threads or cores)
     kept = not args.default_malloc and keep_freed_cpu_memory()
-    LOSS[0] = LOSSES["torch" if args.torch_loss else "trainer"]
+    loss_fn = LOSSES["torch" if args.torch_loss else "trainer"]
 
     rwkv_cfg = RWKVConfig(n_layer=L, n_embd=D, vocab_size=V, ctx_len=max(args.contexts))
     rwkv_params = rwkv_cfg.num_params()
@@ -248,17 +248,17 @@ def main() -> None:
             "gpt": (gpt, torch.optim.AdamW(gpt.parameters(), lr=1e-4)),
         }
         for model, opt in runs.values():  # warm-up: the WKV kernel's load, AdamW's state, the allocator's pools
-            train_rate(model, opt, data, V, args.warmup)
+            train_rate(model, opt, data, V, args.warmup, loss_fn)
         rates = {name: [] for name in runs}
         for _ in range(args.rounds):  # alternate, so that machine noise hits both alike; report medians
             for name, (model, opt) in runs.items():
-                rates[name].append(train_rate(model, opt, data, V, args.steps))
+                rates[name].append(train_rate(model, opt, data, V, args.steps, loss_fn))
         rwkv_flops = 6 * rwkv_matmul + WKV_FLOPS_PER_ELEMENT * L * D
         gpt_flops = 6 * gpt_matmul + 12 * L * ctx * D
         rwkv_rate, gpt_rate = statistics.median(rates["rwkv"]), statistics.median(rates["gpt"])
         matmuls = None  # (seconds alone, (seconds inside the step, step seconds))
         if args.matmul_floor:
-            matmuls = matmul_floor(rwkv, batch * ctx), matmuls_in_step(*runs["rwkv"], data, V, args.rounds)
+            matmuls = matmul_floor(rwkv, batch * ctx), matmuls_in_step(*runs["rwkv"], data, V, args.rounds, loss_fn)
         rows.append((ctx, batch, rwkv_rate, gpt_rate, rwkv_flops, gpt_flops, matmuls))
         del runs, rwkv, gpt
 

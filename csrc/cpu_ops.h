@@ -1,5 +1,6 @@
-// The tensor-level CPU ops of mix_cpu.cpp, loss_cpu.cpp and gemv_cpu.cpp, registered with Python by wkv4_cpu.cpp: only that file
-// includes pybind11 and torch's Python glue (several seconds of compiling each), the others only ATen's tensors.
+// The tensor-level CPU ops of mix_cpu.cpp, loss_cpu.cpp and gemv_cpu.cpp, registered with Python by wkv4_cpu.cpp:
+// only that file includes pybind11 and torch's Python glue (several seconds of compiling each), the others only ATen's
+// tensors.
 #pragma once
 
 #include <optional>

@@ -89,10 +89,7 @@ void backward_rows(const F* logits, const int64_t* targets, const float* lse, co
 
 // ---- Python-facing wrappers -----------------------------------------------------------------------------------------
 #include "cpu_ops.h"
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "cpu_parallel.h"
 
 namespace cpuops {
 
@@ -101,16 +98,10 @@ using wkv4cpu::ptr;
 
 namespace {
 
-// fn(begin, end) over a static split of the N rows, one part per thread (one thread for small calls).
+// fn(begin, end) over the N rows, split over the threads (one thread for small calls).
 template <class Fn>
 void over_rows(int64_t N, int64_t V, Fn fn) {
-#ifdef _OPENMP
-    const int threads = N * V < (1 << 15) ? 1 : std::max(1, omp_get_max_threads());
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int id = 0; id < threads; ++id) fn(N * id / threads, N * (id + 1) / threads);
-#else
-    fn(int64_t{0}, N);
-#endif
+    cpupar::split(N, cpupar::threads_for(N * V), [&](int, int64_t r0, int64_t r1) { fn(r0, r1); });
 }
 
 void check_rows(const Tensor& logits, const Tensor& targets) {

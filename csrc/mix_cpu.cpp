@@ -11,10 +11,7 @@
 #include <utility>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
+#include "cpu_parallel.h"
 #include "cpu_simd.h"
 
 namespace mixcpu {
@@ -24,26 +21,8 @@ using wkv4cpu::vf;
 using wkv4cpu::load;
 using wkv4cpu::store;
 
-constexpr int64_t kParallelElements = 1 << 15;  // below this a call runs on one thread
-
-int max_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
-}
-
-// fn(thread, begin, end) over a static split of [0, n) into `threads` contiguous parts.
-template <class Fn>
-void split(int64_t n, int threads, Fn fn) {
-#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int id = 0; id < threads; ++id) fn(id, n * id / threads, n * (id + 1) / threads);
-}
-
-int threads_for(int64_t elements) {
-    return elements < kParallelElements ? 1 : std::max(1, max_threads());
-}
+using cpupar::split;
+using cpupar::threads_for;
 
 // ---- token shift + mixes ----------------------------------------------------------------------------------------
 

@@ -9,9 +9,12 @@ import platform
 import warnings
 from pathlib import Path
 
+import torch
+
 from .. import errors
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what the kernels store; their math is fp32
 
 
 def _cache_dir() -> str:
@@ -58,6 +61,17 @@ def cpu_kernels_available() -> bool:
     if module is None:
         _warn_once(error)
     return module is not None
+
+
+def cpu_kernel_takes(x: torch.Tensor, backend_variable: str) -> bool:
+    """Whether a CPU kernel runs on x: a CPU tensor of a kernel dtype, `backend_variable` (an environment variable such
+    as RWKV_DIST_MIX_BACKEND) not set to "reference", and the kernels built here (else, warned once, the torch ops)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in KERNEL_DTYPES
+        and os.environ.get(backend_variable, "auto") != "reference"
+        and cpu_kernels_available()
+    )
 
 
 @functools.cache

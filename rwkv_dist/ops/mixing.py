@@ -19,13 +19,9 @@ torch ops (also what the tests compare against, in float64). RWKV_DIST_MIX_BACKE
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from ._build import cpu_extension, cpu_kernels_available
-
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from ._build import cpu_extension, cpu_kernel_takes
 
 
 def reference_shift_mix(x: torch.Tensor, last: torch.Tensor | None, mus: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -44,12 +40,8 @@ def reference_sigmoid_gate(r: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _use_kernel(*tensors: torch.Tensor) -> bool:
     first = tensors[0]
-    return (
-        first.device.type == "cpu"
-        and first.dtype in KERNEL_DTYPES
-        and all(t.dtype == first.dtype and t.shape == first.shape for t in tensors[1:])
-        and os.environ.get("RWKV_DIST_MIX_BACKEND", "auto") != "reference"
-        and cpu_kernels_available()  # else (warned once) the reference ops
+    return all(t.dtype == first.dtype and t.shape == first.shape for t in tensors[1:]) and cpu_kernel_takes(
+        first, "RWKV_DIST_MIX_BACKEND"
     )
 
 

@@ -23,12 +23,11 @@ from typing import Literal
 import torch
 
 from .. import errors
-from ._build import cpu_extension, cpu_kernels_available, cuda_extension
+from ._build import KERNEL_DTYPES, cpu_extension, cpu_kernels_available, cuda_extension
 from .reference import wkv4_reference
 from .state import WKVState
 
 Backend = Literal["auto", "cuda", "cpu", "reference"]
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def wkv4(

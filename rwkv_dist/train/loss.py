@@ -13,25 +13,16 @@ which the tests also use as the reference. RWKV_DIST_LOSS_BACKEND=reference forc
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-from ..ops._build import cpu_extension, cpu_kernels_available
+from ..ops._build import cpu_extension, cpu_kernel_takes
 
 L2WRAP_SCALE = 1e-4
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _use_kernel(logits: torch.Tensor) -> bool:
-    return (
-        logits.device.type == "cpu"
-        and logits.dtype in KERNEL_DTYPES
-        and logits.shape[-1] > 0
-        and os.environ.get("RWKV_DIST_LOSS_BACKEND", "auto") != "reference"
-        and cpu_kernels_available()  # else (warned once) the torch ops
-    )
+    return logits.shape[-1] > 0 and cpu_kernel_takes(logits, "RWKV_DIST_LOSS_BACKEND")
 
 
 def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
