@@ -21,21 +21,22 @@ def _leaf(t: torch.Tensor, dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("with_last", [False, True])
 @pytest.mark.parametrize("shape", [(3, 7, 37), (2, 1, 16), (2, 300, 64)])  # ragged D; T = 1; big enough for threads
-def test_shift_mix_matches_float64(dtype, with_last, shape):
+@pytest.mark.parametrize("mixes", [3, 2, 1])  # TimeMix's, ChannelMix's, and the kernel's general path
+def test_shift_mix_matches_float64(dtype, with_last, shape, mixes):
     g = torch.Generator().manual_seed(0)
     B, T, D = shape
     x = torch.randn(shape, dtype=torch.float64, generator=g, requires_grad=True)
     last = torch.randn(B, D, dtype=torch.float64, generator=g, requires_grad=True) if with_last else None
-    mus = [torch.rand(1, 1, D, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3)]
-    grads = [torch.randn(shape, dtype=torch.float64, generator=g) for _ in range(3)]
+    mus = [torch.rand(1, 1, D, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(mixes)]
+    grads = [torch.randn(shape, dtype=torch.float64, generator=g) for _ in range(mixes)]
     assert mixing._use_kernel(x.to(dtype))
     leaves = [x, *([last] if with_last else []), *mus]
     ours_leaves = [_leaf(x, dtype), *([_leaf(last, torch.float32)] if with_last else []),
                    *[_leaf(m, torch.float32) for m in mus]]
-    ours = mixing.shift_mix(ours_leaves[0], ours_leaves[1] if with_last else None, ours_leaves[-3:])
+    ours = mixing.shift_mix(ours_leaves[0], ours_leaves[1] if with_last else None, ours_leaves[-mixes:])
     # the reference sees exactly the rounded inputs the kernel saw
     ref_leaves = [leaf.detach().double().requires_grad_() for leaf in ours_leaves]
-    ref = mixing.reference_shift_mix(ref_leaves[0], ref_leaves[1] if with_last else None, ref_leaves[-3:])
+    ref = mixing.reference_shift_mix(ref_leaves[0], ref_leaves[1] if with_last else None, ref_leaves[-mixes:])
     for a, b in zip(ours, ref):
         assert a.dtype == dtype and a.shape == shape
         assert _rel(a, b) < TOLERANCE[dtype]
