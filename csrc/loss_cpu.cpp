@@ -66,21 +66,29 @@ void forward_rows(const F* logits, const int64_t* targets, int64_t V, int64_t r0
     }
 }
 
+// g[j] for the 8 columns j0 .. j0 + 7 of a row (lanes past its end are computed and never stored).
+WKV_INLINE vf gradient_vector(vf x, float log_z, float scale, float bonus, int64_t t, int64_t a, int64_t j0) {
+    vf p = wkv4cpu::exp_lanes(x - log_z);
+    p = kLane == static_cast<int32_t>(t - j0) ? p - 1.f : p;  // t - j0 outside [0, 8) matches no lane
+    vf g = p * scale;
+    return bonus != 0.f && kLane == static_cast<int32_t>(a - j0) ? g + bonus : g;
+}
+
 template <class F>
 void backward_rows(const F* logits, const int64_t* targets, const float* lse, const float* top, const int64_t* argmax,
                    float scale, float extra, int64_t V, int64_t r0, int64_t r1, F* grad) {
+    const int64_t whole = V / kWidth * kWidth;  // whole vectors take one load and one store each
     for (int64_t r = r0; r < r1; ++r) {
         const F* row = logits + r * V;
         F* out = grad + r * V;
         const float log_z = lse[r], bonus = extra != 0.f ? top[r] * extra : 0.f;
         const int64_t t = targets[r], a = argmax[r];
-        for (int64_t j = 0; j < V; j += kWidth) {
-            const int m = static_cast<int>(std::min<int64_t>(kWidth, V - j));
-            vf p = wkv4cpu::exp_lanes(wkv4cpu::load<false>(row + j, m) - log_z);
-            p = kLane == static_cast<int32_t>(t - j) ? p - 1.f : p;  // t - j outside [0, 8) matches no lane
-            vf g = p * scale;
-            if (bonus != 0.f) g = kLane == static_cast<int32_t>(a - j) ? g + bonus : g;
-            wkv4cpu::store<false>(out + j, g, m);
+        for (int64_t j = 0; j < whole; j += kWidth)
+            wkv4cpu::Io<F>::store(out + j, gradient_vector(wkv4cpu::Io<F>::load(row + j), log_z, scale, bonus, t, a, j));
+        if (whole < V) {
+            const int m = static_cast<int>(V - whole);
+            const vf g = gradient_vector(wkv4cpu::load<false>(row + whole, m), log_z, scale, bonus, t, a, whole);
+            wkv4cpu::store<false>(out + whole, g, m);
         }
     }
 }
