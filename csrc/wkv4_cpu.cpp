@@ -114,6 +114,19 @@ void for_each_vector(int64_t c_begin, int64_t c_end, Fn fn) {
     }
 }
 
+// How many groups to cut each row's tiles into: the split whose busiest thread walks the fewest tiles (jobs per
+// thread x tiles per job), and among equal ones the fewest jobs: a job that walks several tiles through each chunk
+// runs faster per tile than one job per tile. B1 T8192 C256 on 2 threads (4 tiles): 2 jobs of 2 tiles take 0.91-0.93x
+// the time forward + backward of 4 jobs of 1 (an earlier "2 jobs per thread" rule), timed side by side in one process.
+inline int64_t groups_per_row(int64_t B, int64_t tiles, int64_t threads) {
+    int64_t best = 1, least = -1;
+    for (int64_t g = 1; g <= tiles; ++g) {
+        const int64_t busiest = (B * g + threads - 1) / threads * ((tiles + g - 1) / g);
+        if (least < 0 || busiest < least) best = g, least = busiest;
+    }
+    return best;
+}
+
 // The jobs: B rows x `groups` groups of tiles per row. run(b, c_begin, c_end) for each, OpenMP-parallel.
 template <class Run>
 void for_each_group(int64_t B, int64_t C, Run run) {
@@ -123,7 +136,7 @@ void for_each_group(int64_t B, int64_t C, Run run) {
 #else
     const int64_t threads = 1;
 #endif
-    const int64_t groups = std::min(tiles, std::max<int64_t>(1, (2 * threads + B - 1) / B));
+    const int64_t groups = groups_per_row(B, tiles, threads);
 #pragma omp parallel for schedule(static)
     for (int64_t job = 0; job < B * groups; ++job) {
         const int64_t b = job / groups, g = job % groups;
