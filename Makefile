@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/wkv_cpu.py
 	$(PY) bench/decode.py
 	$(PY) bench/loss.py
+	$(PY) bench/kernel_ab.py
 	$(PY) bench/data_loader.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/zero3_memory.py
