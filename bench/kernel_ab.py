@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,10 +40,13 @@ def baseline_sources(revision: str) -> tuple[Path, str]:
         sys.exit(f"kernel_ab: --baseline {revision!r} is not a commit of {ROOT}")
     short = commit.stdout.strip()[:12]
     folder = ROOT / ".cache" / "kernel_ab" / short
-    if not (folder / "csrc").is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
+    if not folder.is_dir():  # unpacked beside it and renamed, so an interrupted unpack is never taken for a whole one
+        partial = folder.with_name(short + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", short, "csrc"], capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+        subprocess.run(["tar", "-x", "-C", str(partial)], input=archive.stdout, check=True)
+        partial.rename(folder)
     return folder / "csrc", short
 
 
