@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-from rwkv_dist.ops._build import CSRC, build_cpu_kernels  # noqa: E402
+from rwkv_dist.ops._build import CPU_SOURCES, CSRC, build_cpu_kernels  # noqa: E402
 from rwkv_dist.train.hardware import keep_freed_cpu_memory  # noqa: E402
 
 
@@ -111,7 +111,8 @@ def main() -> None:
     keep_freed_cpu_memory()  # the trainer's allocator setting: fresh outputs must not page-fault in every call
     march = os.environ.get("RWKV_DIST_WKV_CPU_MARCH", "native")
     baseline_dir, short = baseline_sources(args.baseline)
-    builds = {"baseline": build_cpu_kernels(baseline_dir, f"kernel_ab_{short}", march),
+    older = tuple(source for source in CPU_SOURCES if (baseline_dir / source).exists())  # files added since are left out
+    builds = {"baseline": build_cpu_kernels(baseline_dir, f"kernel_ab_{short}", march, sources=older),
               "working": build_cpu_kernels(CSRC, "kernel_ab_working", march)}
 
     print(f"CPU kernels, baseline {args.baseline} ({short}) vs the working tree, -march={march}, "

@@ -97,11 +97,10 @@ WKV_INLINE void mix_backward_row(const Mix<F>& a, const F* const* g, int64_t r, 
 
 template <int N, class F>
 void mix_backward_rows(const Mix<F>& a, const F* const* g, F* gx, float* g_last, float* acc, int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-        if (a.D % kWidth == 0)
-            mix_backward_row<N, true>(a, g, r, gx, g_last, acc);
-        else
-            mix_backward_row<N, false>(a, g, r, gx, g_last, acc);
+    if (a.D % kWidth == 0) {
+        for (int64_t r = r0; r < r1; ++r) mix_backward_row<N, true>(a, g, r, gx, g_last, acc);
+    } else {
+        for (int64_t r = r0; r < r1; ++r) mix_backward_row<N, false>(a, g, r, gx, g_last, acc);
     }
 }
 

@@ -102,17 +102,17 @@ def _load_cpu(march: str, openmp: bool):
     return build_cpu_kernels(CSRC, "rwkv_dist_wkv4_cpu", march, openmp)
 
 
-def build_cpu_kernels(source_dir: Path, name: str, march: str = "native", openmp: bool = True):
-    """The CPU kernels built from the csrc/ folder `source_dir` as the extension module `name`, in a build folder of
-    their own: cpu_extension() builds the repository's; bench/kernel_ab.py also builds a baseline revision's, to time
-    both in one process. The sources are CPU_SOURCES, those of them an older revision has. Raises what the build
-    raises."""
+def build_cpu_kernels(source_dir: Path, name: str, march: str = "native", openmp: bool = True,
+                      sources: tuple[str, ...] = CPU_SOURCES):
+    """The CPU kernels built from `sources` in the csrc/ folder `source_dir` as the extension module `name`, in a build
+    folder of their own: cpu_extension() builds the repository's; bench/kernel_ab.py also builds a baseline revision's
+    (which may have fewer files), to time both in one process. Raises what the build raises."""
     from torch.utils.cpp_extension import load
 
     omp = ["-fopenmp"] if openmp else []
     return load(
         name=name,
-        sources=[str(source_dir / source) for source in CPU_SOURCES if (source_dir / source).exists()],
+        sources=[str(source_dir / source) for source in sources],
         extra_include_paths=[str(source_dir)],
         extra_cflags=["-O3", *omp, f"-march={march}", "-fno-math-errno", "-fno-trapping-math"],
         extra_ldflags=omp,
